@@ -1,0 +1,34 @@
+"""zaya_hf: Zyphra's ZAYA1 models as first-class citizens of the Hugging Face stack.
+
+Importing the package registers `ZayaConfig`, `ZayaModel` and `ZayaForCausalLM` with the Auto classes for
+`model_type="zaya"`, replacing transformers' built-in ZAYA for this process (same checkpoints, same tensor names).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache_zaya import ZayaCache
+from .configuration_zaya import ZayaConfig
+from .modeling_zaya import MismatchedWeightsError, MissingWeightsError, ZayaForCausalLM, ZayaModel, ZayaPreTrainedModel
+
+__version__ = "0.1.0"
+
+
+def register_auto_classes() -> None:
+    """Register the package classes with the Auto classes. Idempotent: safe to call any number of times."""
+    AutoConfig.register("zaya", ZayaConfig, exist_ok=True)
+    AutoModel.register(ZayaConfig, ZayaModel, exist_ok=True)
+    AutoModelForCausalLM.register(ZayaConfig, ZayaForCausalLM, exist_ok=True)
+
+
+register_auto_classes()
+
+__all__ = [
+    "MismatchedWeightsError",
+    "MissingWeightsError",
+    "ZayaCache",
+    "ZayaConfig",
+    "ZayaForCausalLM",
+    "ZayaModel",
+    "ZayaPreTrainedModel",
+    "register_auto_classes",
+]

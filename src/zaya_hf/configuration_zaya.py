@@ -1,0 +1,124 @@
+"""ZAYA1 configuration.
+
+`ZayaConfig` reads the published `Zyphra/ZAYA1-8B` config.json unchanged (quirks included) and writes one that
+plain transformers, vLLM and SGLang read: `model_type` stays `"zaya"` and every published field keeps its name.
+"""
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+ZAYA_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+
+_DEFAULT_ROPE_PARAMETERS = {
+    "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
+    "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+}
+
+
+@strict
+class ZayaConfig(PreTrainedConfig):
+    r"""Configuration of a ZAYA1 model (CCA attention, top-1 MoE with an MLP router and a skip class).
+
+    The defaults are those of ZAYA1-8B. Fields beyond the published ones:
+
+    router_aux_loss_coef (`float`, defaults to 0.0):
+        Weight of the optional Switch-style load-balancing loss added when `output_router_logits=True`.
+        ZAYA balances experts with the bias controller instead, so it is off by default.
+
+    ```python
+    >>> from zaya_hf import ZayaConfig, ZayaForCausalLM
+    >>> config = ZayaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    ...                     num_key_value_heads=2, head_dim=16, num_experts=4, moe_intermediate_size=32,
+    ...                     router_hidden_size=16)
+    >>> model = ZayaForCausalLM(config)
+    ```
+    """
+
+    model_type = "zaya"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 262272
+    hidden_size: int = 2048
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    lm_head_bias: bool = False
+    cca_time0: int = 2
+    cca_time1: int = 2
+    num_experts: int = 16
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 2048
+    router_hidden_size: int = 256
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.0
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 106
+
+    def __post_init__(self, **kwargs: Any):
+        if self.layer_types is None:
+            self.layer_types = ["hybrid"] * self.num_hidden_layers
+        else:
+            self.layer_types = list(self.layer_types)
+        if self.rope_parameters is None:
+            self.rope_parameters = {k: dict(v) for k, v in _DEFAULT_ROPE_PARAMETERS.items()}
+        # The published config nests one dict per layer type *and* carries a stray top-level "rope_type".
+        self.rope_parameters = {k: v for k, v in self.rope_parameters.items() if k != "rope_type"}
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Fail early, with the field named, on configs the model cannot run."""
+        if self.num_experts_per_tok != 1:
+            raise ValueError(
+                f"ZAYA routes each token to exactly one expert: num_experts_per_tok must be 1, got {self.num_experts_per_tok}."
+            )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a positive multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if (self.num_key_value_heads * self.head_dim) % 2 != 0:
+            raise ValueError(
+                "The CCA value projection splits num_key_value_heads * head_dim "
+                f"({self.num_key_value_heads} * {self.head_dim}) into a current and a delayed half: it must be even."
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}."
+            )
+        unknown = sorted({t for t in self.layer_types if t not in ZAYA_LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"Unknown ZAYA layer type(s) {unknown}; expected one of {list(ZAYA_LAYER_TYPES)}.")
+        if "hybrid_sliding" in self.layer_types and (self.sliding_window is None or self.sliding_window < 1):
+            raise ValueError("sliding_window must be a positive integer when layer_types contains 'hybrid_sliding'.")
+        for layer_type in set(self.layer_types):
+            params = self.rope_parameters.get(layer_type)
+            if params is None:
+                raise ValueError(f"rope_parameters has no entry for layer type '{layer_type}'.")
+            rotary_dim = int(self.head_dim * params.get("partial_rotary_factor", 1.0))
+            if rotary_dim % 2 != 0 or not 0 < rotary_dim <= self.head_dim:
+                raise ValueError(
+                    f"partial_rotary_factor of '{layer_type}' gives {rotary_dim} rotary dims out of head_dim "
+                    f"{self.head_dim}; it must be a positive even number."
+                )
+        if self.cca_time0 < 1 or self.cca_time1 < 1:
+            raise ValueError(f"cca_time0 and cca_time1 must be >= 1, got {self.cca_time0} and {self.cca_time1}.")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
+
+
+__all__ = ["ZayaConfig"]

@@ -1,0 +1,735 @@
+"""ZAYA1: Compressed Convolutional Attention + top-1 MoE with an MLP router, learned residual scaling.
+
+The math and the rounding points follow ZAYA_ARCHITECTURE.md; the tensor names are those of the published
+`Zyphra/ZAYA1-8B` checkpoint, so state dicts move unchanged between this file, transformers, vLLM and SGLang.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+
+from .cache_zaya import ZayaCache
+from .configuration_zaya import ZayaConfig
+
+logger = logging.get_logger(__name__)
+
+
+class ZayaRMSNorm(nn.Module):
+    """RMSNorm computed in fp32; the weight multiplies the result cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class ZayaRotaryEmbedding(nn.Module):
+    """Partial NeoX RoPE with one inverse-frequency table per layer type (`hybrid`, `hybrid_sliding`)."""
+
+    def __init__(self, config: ZayaConfig, device: torch.device | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_types = sorted(set(config.layer_types))
+        for layer_type in self.layer_types:
+            self.register_buffer(f"{layer_type}_inv_freq", self.compute_inv_freq(config, layer_type, device), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: ZayaConfig, layer_type: str, device: torch.device | None = None) -> torch.Tensor:
+        params = config.rope_parameters[layer_type]
+        rotary_dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim
+        return 1.0 / (params["rope_theta"] ** exponents)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = getattr(self, f"{layer_type}_inv_freq")
+        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)  # [B, S, R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, R]
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of `x` [B, heads, S, D]; the rest pass through."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, K, T, D] -> [B, K * n_rep, T, D], query head h reading kv head h // n_rep."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, length, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, length, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # [B, S, H, D]
+    return attn_output, attn_weights
+
+
+class CCAProjection(nn.Module):
+    """Compressed Convolutional Attention projection: hidden states -> (Q, K, V) before QK norm and RoPE.
+
+    q/k are mixed over time by a causal depthwise conv followed by a grouped conv (one group per head), plus
+    residual terms from the pre-conv projections; half of each value comes from the previous token ("delayed").
+    The conv and the delayed value make the layer stateful: `ZayaCache` carries both between calls.
+    """
+
+    def __init__(self, config: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.conv_state_size = (config.cca_time0 - 1) + (config.cca_time1 - 1)
+        query_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        conv_channels = query_size + kv_size
+
+        self.q_proj = nn.Linear(config.hidden_size, query_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj_current = nn.Linear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
+        self.v_proj_delayed = nn.Linear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
+        self.conv_qk_depthwise = nn.Conv1d(conv_channels, conv_channels, config.cca_time0, groups=conv_channels)
+        self.conv_qk_grouped = nn.Conv1d(
+            conv_channels, conv_channels, config.cca_time1, groups=self.num_heads + self.num_kv_heads
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: ZayaCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, seq_len, _ = hidden_states.shape
+        if padding_mask is not None:
+            # Zeroed padding makes left padding exactly equivalent to no padding for the conv and delayed value.
+            hidden_states = hidden_states * padding_mask[:, :, None].to(hidden_states.dtype)
+        conv_state, value_state = cache.get_cca_state(self.layer_idx) if cache is not None else (None, None)
+
+        query = self.q_proj(hidden_states)  # [B, S, H*D]
+        key = self.k_proj(hidden_states)  # [B, S, K*D]
+
+        # Residual terms: q_res[h] = (q[h] + k[h // G]) / 2, k_res[j] = mean of q_res over the G heads of group j.
+        B, S, K, G, D = batch, seq_len, self.num_kv_heads, self.num_key_value_groups, self.head_dim
+        query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
+        key_residual = query_residual.mean(dim=-2)  # [B, S, K, D]
+        query_residual = query_residual.view(B, S, K * G, D)
+
+        qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
+        if conv_state is None:
+            qk_columns = F.pad(qk_columns, (self.conv_state_size, 0))
+        else:
+            qk_columns = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
+        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_columns)).transpose(1, 2)  # [B, S, C]
+        query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual
+        key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
+
+        value_current = self.v_proj_current(hidden_states)  # [B, S, K*D/2]
+        value_delayed = self.v_proj_delayed(hidden_states)  # [B, S, K*D/2]
+        if value_state is None:  # the first token's delayed value is the projection of a zero token
+            value_state = self.v_proj_delayed(hidden_states.new_zeros(batch, self.v_proj_delayed.in_features))
+        value_previous = torch.cat([value_state[:, None], value_delayed[:, :-1]], dim=1)
+        value = torch.cat([value_current, value_previous], dim=-1).view(B, S, K, D)
+
+        if cache is not None:
+            cache.update_cca_state(self.layer_idx, qk_columns[..., qk_columns.shape[-1] - self.conv_state_size :], value_delayed[:, -1])
+        return query, key, value
+
+
+class ZayaQKNorm(nn.Module):
+    """L2-normalises each q/k head to norm sqrt(head_dim); keys are then scaled by a learned per-kv-head `temp`."""
+
+    def __init__(self, config: ZayaConfig):
+        super().__init__()
+        self.head_dim_scale = config.head_dim**0.5
+        self.temp = nn.Parameter(torch.ones(config.num_key_value_heads))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = torch.finfo(query.dtype).eps
+        query = query * (self.head_dim_scale / query.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+        key = key * (self.head_dim_scale / key.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+        return query, key * self.temp[None, None, :, None]
+
+
+class ZayaAttention(nn.Module):
+    """CCA projection -> QK norm -> partial RoPE -> GQA attention (full or sliding window) -> o_proj."""
+
+    def __init__(self, config: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "hybrid_sliding" else None
+        self.qkv_proj = CCAProjection(config, layer_idx)
+        self.qk_norm = ZayaQKNorm(config)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cache: ZayaCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        query, key, value = self.qkv_proj(hidden_states, cache, padding_mask)
+        query, key = self.qk_norm(query, key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
+        cos, sin = position_embeddings
+        query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1))
+        return attn_output, attn_weights
+
+
+class ZayaResidualScaling(nn.Module):
+    """Learned residual merge: `(h + hs_bias) * hs_scale` in model dtype plus `(r + res_bias) * res_scale` in fp32."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_states_scale = nn.Parameter(torch.ones(hidden_size))
+        self.hidden_states_bias = nn.Parameter(torch.zeros(hidden_size))
+        self.residual_scale = nn.Parameter(torch.ones(hidden_size))
+        self.residual_bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        hidden_states = (hidden_states + self.hidden_states_bias) * self.hidden_states_scale
+        return hidden_states + (residual + self.residual_bias) * self.residual_scale
+
+
+class ZayaRouterMLP(nn.Module):
+    """RMSNorm -> GELU(fc1) -> GELU(fc2) -> logits over the E experts and the skip class."""
+
+    def __init__(self, router_hidden_size: int, num_classes: int, eps: float):
+        super().__init__()
+        self.norm = ZayaRMSNorm(router_hidden_size, eps=eps)
+        self.fc1 = nn.Linear(router_hidden_size, router_hidden_size)
+        self.fc2 = nn.Linear(router_hidden_size, router_hidden_size)
+        self.out_proj = nn.Linear(router_hidden_size, num_classes, bias=False)
+        self.act_fn = nn.GELU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.act_fn(self.fc1(self.norm(hidden_states)))
+        return self.out_proj(self.act_fn(self.fc2(hidden_states)))
+
+
+class ZayaRouter(nn.Module):
+    """Top-1 router over E experts + 1 skip class, with a router state carried across layers.
+
+    `balancing_biases` (fp32) shift the *choice* only; the expert output is weighted by the unbiased,
+    unrenormalised probability of the chosen class. Choosing the skip class (index E) means no expert output.
+    """
+
+    def __init__(self, config: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.down_proj = nn.Linear(config.hidden_size, config.router_hidden_size)
+        self.carries_state = layer_idx > 0
+        if self.carries_state:
+            self.router_states_scale = nn.Parameter(torch.ones(config.router_hidden_size))
+        self.router_mlp = ZayaRouterMLP(config.router_hidden_size, config.num_experts + 1, config.rms_norm_eps)
+        self.register_buffer("balancing_biases", self.default_balancing_biases(config.num_experts))
+
+    @staticmethod
+    def default_balancing_biases(num_experts: int) -> torch.Tensor:
+        biases = torch.zeros(num_experts + 1, dtype=torch.float32)
+        biases[-1] = -1.0  # the skip class starts disfavoured, as in ZAYA1-8B
+        return biases
+
+    def _apply(self, fn, recurse=True):
+        # `balancing_biases` are a controller state, not a weight: keep them fp32 through `.to(dtype)` / `.half()`.
+        biases = self.balancing_biases
+        super()._apply(fn, recurse)
+        if self.balancing_biases.dtype != torch.float32:
+            if biases.is_meta or self.balancing_biases.is_meta:
+                self.balancing_biases = self.balancing_biases.float()
+            else:
+                self.balancing_biases = biases.to(device=self.balancing_biases.device, dtype=torch.float32)
+        return self
+
+    def forward(
+        self, hidden_states: torch.Tensor, router_state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`."""
+        router_hidden = self.down_proj(hidden_states)  # [B, S, r]
+        if self.carries_state and router_state is not None:
+            router_hidden = router_hidden + router_state * self.router_states_scale
+        logits = self.router_mlp(router_hidden)
+        probs = torch.softmax(logits, dim=-1)
+        # topk (not argmax) so that ties break exactly as in the reference implementations.
+        choice = torch.topk(probs.detach().float() + self.balancing_biases, 1, dim=-1).indices  # [B, S, 1]
+        weight = probs.gather(-1, choice).squeeze(-1)
+        return logits, weight, choice.squeeze(-1), router_hidden
+
+
+class ZayaExperts(nn.Module):
+    """E SwiGLU experts stored as two 3-D parameters (checkpoint layout: rows `0:I` of gate_up are the gate)."""
+
+    def __init__(self, config: ZayaConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.intermediate_size = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.moe_intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` [N, d], `choice` [N] in 0..E (E = skip), `weight` [N] -> [N, d]; skipped rows are 0."""
+        output = torch.zeros_like(hidden_states)
+        order = torch.argsort(choice, stable=True)  # tokens grouped by expert, in token order within a group
+        counts = torch.bincount(choice, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = order[start : start + count]
+            start += count
+            gate, up = F.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            output[rows] = (expert_out * weight[rows, None]).to(output.dtype)
+        return output
+
+
+class ZayaSparseMoeBlock(nn.Module):
+    def __init__(self, config: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.gate = ZayaRouter(config, layer_idx)
+        self.experts = ZayaExperts(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, router_state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns `(output [B, S, d], router_logits [B*S, E+1], router_state)`."""
+        batch, seq_len, hidden_size = hidden_states.shape
+        logits, weight, choice, router_state = self.gate(hidden_states, router_state)
+        output = self.experts(hidden_states.reshape(-1, hidden_size), choice.reshape(-1), weight.reshape(-1))
+        return output.view(batch, seq_len, hidden_size), logits.reshape(-1, logits.shape[-1]), router_state
+
+
+class ZayaDecoderLayer(GradientCheckpointingLayer):
+    """Attention and MoE halves, each merged into the fp32 residual stream by learned residual scaling."""
+
+    def __init__(self, config: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = ZayaAttention(config, layer_idx)
+        self.mlp = ZayaSparseMoeBlock(config, layer_idx)
+        self.input_layernorm = ZayaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ZayaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_residual_scale = ZayaResidualScaling(config.hidden_size)
+        self.post_mlp_residual_scale = ZayaResidualScaling(config.hidden_size)
+
+    def forward(
+        self,
+        residual: torch.Tensor,
+        router_state: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cache: ZayaCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`residual` is the fp32 stream; returns `(residual, router_state, router_logits, attn_weights)`."""
+        model_dtype = self.input_layernorm.weight.dtype
+        hidden_states, attn_weights = self.self_attn(
+            self.input_layernorm(residual.to(model_dtype)),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            padding_mask=padding_mask,
+            cache=cache,
+            **kwargs,
+        )
+        residual = self.post_attention_residual_scale(hidden_states, residual)
+        hidden_states, router_logits, router_state = self.mlp(
+            self.post_attention_layernorm(residual.to(model_dtype)), router_state
+        )
+        residual = self.post_mlp_residual_scale(hidden_states, residual)
+        return residual, router_state, router_logits, attn_weights
+
+
+def cca_padding_mask(attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
+    """The 2-D mask of the current step's tokens for the CCA projection, or None when nothing is padded.
+
+    Single-token steps never hold padding (a generated token is real), and all-ones masks need no zeroing.
+    """
+    if attention_mask is None or attention_mask.ndim != 2 or query_length == 1:
+        return None
+    step_mask = attention_mask[:, -query_length:]
+    if not torch.compiler.is_compiling() and bool(step_mask.all()):
+        return None
+    return step_mask
+
+
+def create_zaya_masks(
+    config: ZayaConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: ZayaCache | None,
+    position_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Attention mask per layer type (for the configured attention implementation), plus under `"conv"` the
+    2-D padding mask the CCA projection zeroes padded tokens with."""
+    config = config.get_text_config()
+    mask_kwargs = {
+        "config": config,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": attention_mask,
+        "cache": cache,
+        "position_ids": position_ids,
+    }
+    builders = {"hybrid": create_causal_mask, "hybrid_sliding": create_sliding_window_causal_mask}
+    masks = {layer_type: builders[layer_type](**mask_kwargs) for layer_type in set(config.layer_types)}
+    masks["conv"] = cca_padding_mask(attention_mask, inputs_embeds.shape[1])
+    return masks
+
+
+class MissingWeightsError(ValueError):
+    """A checkpoint lacks tensors the model needs."""
+
+
+class MismatchedWeightsError(ValueError):
+    """A checkpoint tensor has a different shape than the model's (usually a config that does not fit the weights)."""
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+class ZayaPreTrainedModel(PreTrainedModel):
+    config_class = ZayaConfig
+    config: ZayaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ZayaDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["balancing_biases"]
+
+    @classmethod
+    def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, except that a checkpoint missing any tensor raises instead of leaving
+        it randomly initialised (pass `allow_missing_weights=True` to start from a partial checkpoint on purpose).
+        Wrong-shaped tensors raise too, unless `ignore_mismatched_sizes=True`."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        # Load with mismatches reported rather than raised, so that the error below can name them.
+        model, loading_info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        mismatched = sorted(loading_info["mismatched_keys"])
+        if mismatched and not ignore_mismatched_sizes:
+            details = [f"{key} (checkpoint {tuple(ckpt)}, model {tuple(expected)})" for key, ckpt, expected in mismatched]
+            raise MismatchedWeightsError(
+                f"The checkpoint has {len(mismatched)} tensor(s) of the wrong shape for {cls.__name__}: "
+                f"{_preview(details)}. Check that config.json matches the weights."
+            )
+        missing = sorted(loading_info["missing_keys"])
+        if missing and not allow_missing_weights:
+            unexpected = sorted(loading_info["unexpected_keys"])
+            raise MissingWeightsError(
+                f"The checkpoint lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
+                + (f"; it has {len(unexpected)} unexpected one(s): {_preview(unexpected)}" if unexpected else "")
+                + ". Refusing to initialise them randomly (allow_missing_weights=True to do so on purpose)."
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ZayaResidualScaling):
+            init.ones_(module.hidden_states_scale)
+            init.zeros_(module.hidden_states_bias)
+            init.ones_(module.residual_scale)
+            init.zeros_(module.residual_bias)
+        elif isinstance(module, ZayaModel):
+            init.ones_(module.input_hidden_states_scale)
+            init.zeros_(module.input_hidden_states_bias)
+        elif isinstance(module, ZayaQKNorm):
+            # 1, not 0: a zero key temperature would make every key vanish and attention start out uniform.
+            init.ones_(module.temp)
+        elif isinstance(module, ZayaRouter):
+            if module.carries_state:
+                init.ones_(module.router_states_scale)
+            init.copy_(module.balancing_biases, module.default_balancing_biases(module.num_experts))
+        elif isinstance(module, ZayaExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, ZayaRotaryEmbedding):
+            for layer_type in module.layer_types:
+                init.copy_(getattr(module, f"{layer_type}_inv_freq"), module.compute_inv_freq(module.config, layer_type))
+
+
+class ZayaModel(ZayaPreTrainedModel):
+    """The ZAYA decoder stack; returns the final-norm hidden states."""
+
+    def __init__(self, config: ZayaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
+        self.layers = nn.ModuleList(ZayaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = ZayaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ZayaRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ZayaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if "past_key_values" in kwargs:  # deprecated alias, as in transformers
+            cache = kwargs.pop("past_key_values") if cache is None else cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False.")
+            use_cache = False
+        if cache is not None and not isinstance(cache, ZayaCache):
+            raise TypeError(
+                f"ZAYA needs a ZayaCache (keys/values plus CCA conv and delayed-value state), got {type(cache).__name__}."
+            )
+        if use_cache and cache is None:
+            cache = ZayaCache(self.config)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+
+        masks = attention_mask  # already prepared per layer type, e.g. by `create_masks_for_generate`
+        if not isinstance(masks, dict):
+            masks = create_zaya_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        layer_types = sorted(set(self.config.layer_types))
+        position_embeddings = {t: self.rotary_emb(inputs_embeds, position_ids, t) for t in layer_types}
+
+        # The residual stream is fp32 ("residual in fp32"); the input scaling itself runs in the model dtype.
+        residual = ((inputs_embeds + self.input_hidden_states_bias) * self.input_hidden_states_scale).to(torch.float32)
+        router_state = None
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_router_logits = () if output_router_logits else None
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (residual,)
+            layer_type = self.config.layer_types[layer_idx]
+            residual, router_state, router_logits, attn_weights = decoder_layer(
+                residual,
+                router_state,
+                position_embeddings=position_embeddings[layer_type],
+                attention_mask=masks[layer_type],
+                padding_mask=masks["conv"],
+                cache=cache,
+                **kwargs,
+            )
+            if output_attentions:
+                all_attentions += (attn_weights,)
+            if output_router_logits:
+                all_router_logits += (router_logits,)
+
+        hidden_states = self.norm(residual.to(self.norm.weight.dtype))
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            router_logits=all_router_logits,
+        )
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int) -> torch.Tensor:
+    """Switch-style auxiliary loss over the E real experts: E * sum_e(fraction routed to e * mean prob of e)."""
+    logits = torch.cat([layer_logits.float() for layer_logits in router_logits], dim=0)  # [L*N, E+1]
+    probs = torch.softmax(logits, dim=-1)
+    routed = F.one_hot(probs.argmax(dim=-1), num_experts + 1).float()
+    return num_experts * (routed.mean(0)[:num_experts] * probs.mean(0)[:num_experts]).sum()
+
+
+class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
+    """ZAYA1 language model (tied embedding head). `generate()` runs on a `ZayaCache`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # generate() may not roll the CCA state back, so assisted decoding must be refused.
+    _is_stateful = True
+
+    def __init__(self, config: ZayaConfig):
+        super().__init__(config)
+        self.model = ZayaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ZayaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """Standard causal-LM forward. `labels` are shifted inside the loss, which honours `num_items_in_batch`
+        (passed by Trainer) for correct gradient accumulation."""
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch)
+        if output_router_logits:
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts)
+            if loss is not None and self.config.router_aux_loss_coef:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+    @staticmethod
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+        return create_zaya_masks(config, inputs_embeds, attention_mask, cache, position_ids)
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """generate() hook: give every generation mode a `ZayaCache`, never transformers' stock hybrid cache."""
+        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if user_cache is not None:
+            if not isinstance(user_cache, ZayaCache):
+                raise TypeError(f"ZAYA generation needs a ZayaCache, got {type(user_cache).__name__}.")
+            if generation_config.cache_implementation is not None:
+                raise ValueError("Pass either `cache` or `cache_implementation`, not both.")
+            user_cache._is_user_defined = True
+            model_kwargs["cache"] = model_kwargs.pop("past_key_values", user_cache)
+            return
+        if generation_config.use_cache is False:
+            return
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by ZAYA; "
+                "use the default (a ZayaCache)."
+            )
+        model_kwargs["cache"] = ZayaCache(self.config)
+
+
+__all__ = ["MismatchedWeightsError", "MissingWeightsError", "ZayaPreTrainedModel", "ZayaModel", "ZayaForCausalLM"]
