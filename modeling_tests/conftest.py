@@ -7,6 +7,10 @@ from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as ReferenceF
 
 from zaya_hf import ZayaConfig, ZayaForCausalLM
 
+# The tiny test models are dominated by per-op overhead: one intra-op thread is faster, and immune to the
+# oversubscription that spinning OpenMP threads suffer when several processes share the CPU.
+torch.set_num_threads(1)
+
 TINY = dict(
     vocab_size=101,
     hidden_size=64,

@@ -6,7 +6,7 @@ Importing the package registers `ZayaConfig`, `ZayaModel` and `ZayaForCausalLM` 
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_zaya import ZayaCache
+from .cache_zaya import ZayaCache, ZayaStaticCache, predict_cache_nbytes
 from .configuration_zaya import ZayaConfig
 from .modeling_zaya import MismatchedWeightsError, MissingWeightsError, ZayaForCausalLM, ZayaModel, ZayaPreTrainedModel
 
@@ -30,5 +30,7 @@ __all__ = [
     "ZayaForCausalLM",
     "ZayaModel",
     "ZayaPreTrainedModel",
+    "ZayaStaticCache",
+    "predict_cache_nbytes",
     "register_auto_classes",
 ]

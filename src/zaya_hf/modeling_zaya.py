@@ -19,7 +19,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .cache_zaya import ZayaCache
+from .cache_zaya import ZayaCache, ZayaStaticCache
 from .configuration_zaya import ZayaConfig
 
 logger = logging.get_logger(__name__)
@@ -163,10 +163,13 @@ class CCAProjection(nn.Module):
 
         qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
         if conv_state is None:
-            qk_columns = F.pad(qk_columns, (self.conv_state_size, 0))
+            qk_window = F.pad(qk_columns, (self.conv_state_size, 0))
         else:
-            qk_columns = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
-        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_columns)).transpose(1, 2)  # [B, S, C]
+            qk_window = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
+        if seq_len == 1:
+            mixed = self.conv_last_column(qk_window)  # [B, 1, C]
+        else:
+            mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_window)).transpose(1, 2)  # [B, S, C]
         query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual
         key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
 
@@ -174,12 +177,28 @@ class CCAProjection(nn.Module):
         value_delayed = self.v_proj_delayed(hidden_states)  # [B, S, K*D/2]
         if value_state is None:  # the first token's delayed value is the projection of a zero token
             value_state = self.v_proj_delayed(hidden_states.new_zeros(batch, self.v_proj_delayed.in_features))
-        value_previous = torch.cat([value_state[:, None], value_delayed[:, :-1]], dim=1)
-        value = torch.cat([value_current, value_previous], dim=-1).view(B, S, K, D)
+        value_window = torch.cat([value_state[:, None], value_delayed], dim=1)  # [B, 1 + S, K*D/2]
+        value = torch.cat([value_current, value_window[:, :-1]], dim=-1).view(B, S, K, D)
 
         if cache is not None:
-            cache.update_cca_state(self.layer_idx, qk_columns[..., qk_columns.shape[-1] - self.conv_state_size :], value_delayed[:, -1])
+            cache.update_cca_state(self.layer_idx, qk_window, value_window)
         return query, key, value
+
+
+    def conv_last_column(self, qk_window: torch.Tensor) -> torch.Tensor:
+        """Both causal convs at the newest position only, as a state update: `[B, C, W + 1] -> [B, 1, C]`.
+
+        The decode step needs one output column; re-running `conv1d` over the window costs several times more.
+        """
+        depthwise, grouped = self.conv_qk_depthwise, self.conv_qk_grouped
+        groups, batch = grouped.groups, qk_window.shape[0]
+        # Depthwise outputs at the last t1 positions: [B, C, t1, t0] windows * [C, 1, t0] taps -> [B, C, t1].
+        mixed = (qk_window.unfold(-1, depthwise.kernel_size[0], 1) * depthwise.weight).sum(-1) + depthwise.bias[:, None]
+        # Grouped conv at the last position, one matmul per group: [G, B, (C/G)*t1] @ [G, (C/G)*t1, C/G].
+        mixed = mixed.reshape(batch, groups, -1).transpose(0, 1)
+        weight = grouped.weight.view(groups, grouped.out_channels // groups, -1).transpose(1, 2)
+        out = torch.baddbmm(grouped.bias.view(groups, 1, -1), mixed, weight)  # [G, B, C/G]
+        return out.transpose(0, 1).reshape(batch, 1, -1)
 
 
 class ZayaQKNorm(nn.Module):
@@ -344,6 +363,12 @@ class ZayaExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`hidden_states` [N, d], `choice` [N] in 0..E (E = skip), `weight` [N] -> [N, d]; skipped rows are 0."""
+        if torch.compiler.is_compiling() or (hidden_states.device.type != "cpu" and choice.numel() <= 4):
+            return self.forward_gathered(hidden_states, choice, weight)
+        return self.forward_grouped(hidden_states, choice, weight)
+
+    def forward_grouped(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert, one GEMM pair per used expert. Syncs once for the group sizes (free on CPU)."""
         output = torch.zeros_like(hidden_states)
         order = torch.argsort(choice, stable=True)  # tokens grouped by expert, in token order within a group
         counts = torch.bincount(choice, minlength=self.num_experts + 1)[: self.num_experts].tolist()
@@ -357,6 +382,15 @@ class ZayaExperts(nn.Module):
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
             output[rows] = (expert_out * weight[rows, None]).to(output.dtype)
         return output
+
+    def forward_gathered(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each token multiplies its own expert's weights, gathered: no host sync and static shapes (compilable);
+        cheapest for a handful of tokens on an accelerator."""
+        is_expert = choice < self.num_experts
+        expert = choice.clamp(max=self.num_experts - 1)  # a skipped token computes any expert; its weight is 0
+        gate, up = torch.bmm(self.gate_up_proj[expert], hidden_states[:, :, None]).squeeze(-1).chunk(2, dim=-1)
+        expert_out = torch.bmm(self.down_proj[expert], (self.act_fn(gate) * up)[:, :, None]).squeeze(-1)  # [N, d]
+        return (expert_out * (weight * is_expert)[:, None]).to(hidden_states.dtype)
 
 
 class ZayaSparseMoeBlock(nn.Module):
@@ -474,6 +508,7 @@ class ZayaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # with a ZayaStaticCache
     _keep_in_fp32_modules_strict = ["balancing_biases"]
 
     @classmethod
@@ -644,8 +679,6 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
     """ZAYA1 language model (tied embedding head). `generate()` runs on a `ZayaCache`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    # generate() may not roll the CCA state back, so assisted decoding must be refused.
-    _is_stateful = True
 
     def __init__(self, config: ZayaConfig):
         super().__init__(config)
@@ -724,12 +757,22 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
-        if generation_config.cache_implementation not in (None, "dynamic"):
+        implementation = generation_config.cache_implementation
+        if implementation in (None, "dynamic"):
+            model_kwargs["cache"] = ZayaCache(self.config)
+        elif implementation == "static":
+            # Reuse the longest length seen so far, so that a compiled decode step is not recompiled.
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
+            max_cache_length = max(max_cache_length, getattr(self, "_previous_max_cache_length", 0))
+            self._previous_max_cache_length = max_cache_length
+            model_kwargs["cache"] = ZayaStaticCache(self.config, max_cache_len=max_cache_length)
+        else:
             raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by ZAYA; "
-                "use the default (a ZayaCache)."
+                f"cache_implementation={implementation!r} is not supported by ZAYA; use 'dynamic' (the default "
+                "ZayaCache) or 'static' (ZayaStaticCache, for torch.compile)."
             )
-        model_kwargs["cache"] = ZayaCache(self.config)
+        if generation_config.is_assistant:
+            model_kwargs["cache"].activate_past_recording()
 
 
 __all__ = ["MismatchedWeightsError", "MissingWeightsError", "ZayaPreTrainedModel", "ZayaModel", "ZayaForCausalLM"]
