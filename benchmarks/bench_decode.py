@@ -2,73 +2,19 @@
 
 Both models get the same random weights ("bench-small" by default) and run alternately: a warm-up, then
 `--repeats` timed repetitions of each measurement; the median is reported. Prints one JSON line.
+The measurement lives in `zaya_hf.bench`; `zaya-hf bench` runs the same on any model.
 
     python benchmarks/bench_decode.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
 """
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-from transformers.models.zaya.configuration_zaya import ZayaConfig as ReferenceConfig
-from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as ReferenceForCausalLM
 
-from zaya_hf import ZayaCache, ZayaConfig, ZayaForCausalLM
-
-BENCH_SMALL = dict(
-    vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-    head_dim=64, num_experts=16, moe_intermediate_size=512, router_hidden_size=64, eos_token_id=None,
-    bos_token_id=None, pad_token_id=0,
-)
+from zaya_hf.bench import build_bench_small, reference_twin, run_decode_benchmark
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def build_models(device: torch.device, dtype: torch.dtype, seed: int):
-    config = ZayaConfig(**BENCH_SMALL)
-    torch.manual_seed(seed)
-    ours = ZayaForCausalLM(config)
-    with torch.no_grad():  # move the routers away from init so that every expert gets traffic
-        for module in ours.modules():
-            if hasattr(module, "balancing_biases"):
-                module.balancing_biases.normal_(0.0, 0.01)
-    reference = ReferenceForCausalLM(ReferenceConfig(**config.to_diff_dict()))
-    reference.load_state_dict(ours.state_dict(), strict=True)
-    return ours.to(device, dtype).eval(), reference.to(device, dtype).eval()
-
-
-def generate_fn(model, prompt, new_tokens: int, **kwargs):
-    def run():
-        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-
-    return run
-
-
-def median_times(fns: dict, device: torch.device, repeats: int) -> dict:
-    """Warm every fn up once, then time them alternately `repeats` times; median seconds per fn."""
-    for fn in fns.values():
-        fn()
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(timed(fn, device))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -82,43 +28,16 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA/ROCm device.")
-    ours, reference = build_models(device, dtype, args.seed)
-    vocab = ours.config.vocab_size
-
+    ours = build_bench_small(args.seed)
+    reference = reference_twin(ours)
+    ours, reference = ours.to(device, dtype).eval(), reference.to(device, dtype).eval()
     result = {"config": "bench-small", "device": str(device), "dtype": args.dtype, "repeats": args.repeats}
-    identical = True
-    for batch in (1, 16):
-        prompt = torch.randint(1, vocab, (batch, args.prompt_tokens), device=device)
-        fns = {}
-        for name, model in (("zaya_hf", ours), ("transformers", reference)):
-            fns[f"{name}_full"] = generate_fn(model, prompt, args.new_tokens)
-            fns[f"{name}_prefill"] = generate_fn(model, prompt, 1)
-        times = median_times(fns, device, args.repeats)
-        for name in ("zaya_hf", "transformers"):
-            decode_seconds = times[f"{name}_full"] - times[f"{name}_prefill"]
-            result[f"{name}_decode_tok_s_bs{batch}"] = round(batch * (args.new_tokens - 1) / decode_seconds, 1)
-        result[f"decode_ratio_bs{batch}"] = round(
-            result[f"zaya_hf_decode_tok_s_bs{batch}"] / result[f"transformers_decode_tok_s_bs{batch}"], 2
+    result.update(
+        run_decode_benchmark(
+            ours, reference, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+            prefill_tokens=args.prefill_tokens, repeats=args.repeats,
         )
-        identical &= torch.equal(fns["zaya_hf_full"](), fns["transformers_full"]())
-
-    long_prompt = torch.randint(1, vocab, (1, args.prefill_tokens), device=device)
-    times = median_times(
-        {
-            "zaya_hf": lambda: ours(long_prompt, cache=ZayaCache(ours.config), use_cache=True),
-            "transformers": lambda: reference(long_prompt, use_cache=True),
-        },
-        device,
-        args.repeats,
     )
-    result[f"zaya_hf_prefill_tok_s_{args.prefill_tokens}"] = round(args.prefill_tokens / times["zaya_hf"], 1)
-    result[f"transformers_prefill_tok_s_{args.prefill_tokens}"] = round(args.prefill_tokens / times["transformers"], 1)
-    result[f"prefill_ratio_{args.prefill_tokens}"] = round(times["transformers"] / times["zaya_hf"], 2)
-    result["greedy_tokens_identical"] = identical
-
-    cache = ZayaCache(ours.config)
-    ours(long_prompt, cache=cache, use_cache=True)
-    result["cache_bytes_per_token"] = round(cache.nbytes / args.prefill_tokens, 1)
     print(json.dumps(result))
 
 

@@ -1,0 +1,132 @@
+"""Decode / prefill speed and cache size of zaya_hf against transformers' own ZAYA, measured in one process.
+
+Both models hold the same weights and run alternately: a warm-up, then `repeats` timed repetitions of each
+measurement; the median is reported. Greedy outputs are compared token for token.
+"""
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..cache_zaya import ZayaCache
+from ..configuration_zaya import ZayaConfig
+from ..modeling_zaya import ZayaForCausalLM
+
+BENCH_SMALL = dict(
+    vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=64, num_experts=16, moe_intermediate_size=512, router_hidden_size=64, eos_token_id=None,
+    bos_token_id=None, pad_token_id=0,
+)
+
+
+def build_bench_small(seed: int = 0) -> ZayaForCausalLM:
+    """The "bench-small" model with random weights; routers nudged away from init so every expert gets traffic."""
+    torch.manual_seed(seed)
+    model = ZayaForCausalLM(ZayaConfig(**BENCH_SMALL))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "balancing_biases"):
+                module.balancing_biases.normal_(0.0, 0.01)
+    return model
+
+
+def reference_twin(model: ZayaForCausalLM):
+    """transformers' own `ZayaForCausalLM` holding the same weights as `model` (strict load: same tensor names)."""
+    from transformers.models.zaya.configuration_zaya import ZayaConfig as ReferenceConfig
+    from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as ReferenceForCausalLM
+
+    reference = ReferenceForCausalLM(ReferenceConfig(**model.config.to_diff_dict()))
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def generate_fn(model, prompt: torch.Tensor, new_tokens: int) -> Callable:
+    def run():
+        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    return run
+
+
+def median_times(fns: dict, device: torch.device, repeats: int) -> dict:
+    """Warm every fn up once, then time them alternately `repeats` times; median seconds per fn."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@torch.no_grad()
+def run_decode_benchmark(
+    ours: ZayaForCausalLM,
+    reference=None,
+    *,
+    batch_sizes: Sequence[int] = (1, 16),
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    prefill_tokens: int = 1024,
+    repeats: int = 3,
+    on_measurement: Callable[[str], None] | None = None,
+) -> dict:
+    """Decode tokens/s per batch size, prefill tokens/s, cache bytes per token; with `reference`, the same for
+    transformers' ZAYA, the ratios and whether greedy tokens are identical. Both models must be on one device."""
+    device = ours.device
+    models = {"zaya_hf": ours} if reference is None else {"zaya_hf": ours, "transformers": reference}
+    vocab = ours.config.vocab_size
+    result: dict = {}
+    identical = True
+    for batch in batch_sizes:
+        prompt = torch.randint(1, vocab, (batch, prompt_tokens), device=device)
+        fns = {}
+        for name, model in models.items():
+            fns[f"{name}_full"] = generate_fn(model, prompt, new_tokens)
+            fns[f"{name}_prefill"] = generate_fn(model, prompt, 1)
+        times = median_times(fns, device, repeats)
+        for name in models:
+            decode_seconds = times[f"{name}_full"] - times[f"{name}_prefill"]
+            result[f"{name}_decode_tok_s_bs{batch}"] = round(batch * (new_tokens - 1) / decode_seconds, 1)
+        if reference is not None:
+            result[f"decode_ratio_bs{batch}"] = round(
+                result[f"zaya_hf_decode_tok_s_bs{batch}"] / result[f"transformers_decode_tok_s_bs{batch}"], 2
+            )
+            identical &= torch.equal(fns["zaya_hf_full"](), fns["transformers_full"]())
+        if on_measurement is not None:
+            on_measurement(f"decode bs{batch}")
+
+    long_prompt = torch.randint(1, vocab, (1, prefill_tokens), device=device)
+    prefill_fns = {"zaya_hf": lambda: ours(long_prompt, cache=ZayaCache(ours.config), use_cache=True)}
+    if reference is not None:
+        prefill_fns["transformers"] = lambda: reference(long_prompt, use_cache=True)
+    times = median_times(prefill_fns, device, repeats)
+    for name, seconds in times.items():
+        result[f"{name}_prefill_tok_s_{prefill_tokens}"] = round(prefill_tokens / seconds, 1)
+    if reference is not None:
+        result[f"prefill_ratio_{prefill_tokens}"] = round(times["transformers"] / times["zaya_hf"], 2)
+        result["greedy_tokens_identical"] = identical
+    if on_measurement is not None:
+        on_measurement(f"prefill {prefill_tokens}")
+
+    cache = ZayaCache(ours.config)
+    ours(long_prompt, cache=cache, use_cache=True)
+    result["cache_bytes_per_token"] = round(cache.nbytes / prefill_tokens, 1)
+    return result
+
+
+__all__ = ["BENCH_SMALL", "build_bench_small", "reference_twin", "run_decode_benchmark"]

@@ -1,0 +1,117 @@
+"""What the subcommands share: resolving and loading `--model`, dtype/device options, user-facing errors."""
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CommandError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    parser.add_argument(
+        "--model", default=None,
+        help="a local model folder or a Hub id (Hub ids need a reachable Hub); default: the embedded model",
+    )
+    if dtype:
+        parser.add_argument(
+            "--dtype", choices=["auto", *DTYPES], default="auto",
+            help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)",
+        )
+        parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def resolve_model(name: str | None) -> str:
+    """`from_pretrained` source for `--model`: the embedded model, an existing model folder, or a Hub id."""
+    if name is None:
+        from ..default_model import default_model_path
+
+        return default_model_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CommandError(f"--model {name}: the folder has no config.json, so it is not a model folder.")
+        return str(path)
+    if path.exists():
+        raise CommandError(f"--model {name}: is a file; give a model folder or a Hub id.")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
+        raise CommandError(f"--model {name}: no such folder, and not a Hub id (owner/name).")
+    return name
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise CommandError(f"--device {device}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda: torch sees no CUDA/ROCm device.")
+    return device
+
+
+def load_tokenizer(name: str | None):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"could not load the tokenizer of {name or source!r}: {error}") from None
+
+
+def load_model(args: argparse.Namespace):
+    """(model in eval mode, tokenizer) for `--model`, `--dtype`, `--device`."""
+    from transformers import AutoModelForCausalLM
+
+    import zaya_hf  # noqa: F401  (registers the zaya classes with the Auto classes)
+
+    device = pick_device(args.device)
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"could not load the model {args.model or source!r}: {error}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def sampling_from(args: argparse.Namespace) -> dict:
+    """Sampling arguments as a Markovian-RSA / generate sampling dict (temperature 0 means greedy)."""
+    if args.temperature < 0:
+        raise CommandError(f"--temperature must be >= 0, got {args.temperature}.")
+    if not 0 < args.top_p <= 1:
+        raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"temperature": args.temperature, "top_p": args.top_p}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
