@@ -69,6 +69,23 @@ def median_times(fns: dict, device: torch.device, repeats: int) -> dict:
 
 
 @torch.no_grad()
+def measure_cache_bytes(model, device: torch.device) -> dict:
+    """KV bytes per token per layer and the fixed per-sequence CCA state, read off real `ZayaCache` objects in bf16."""
+    model = model.to(torch.bfloat16)
+    held = {}
+    for length in (64, 128):
+        cache = ZayaCache(model.config)
+        model(torch.randint(1, model.config.vocab_size, (1, length), device=device), cache=cache, use_cache=True)
+        held[length] = cache.nbytes
+    layers = model.config.num_hidden_layers
+    per_token_per_layer = (held[128] - held[64]) / 64 / layers
+    return {
+        "cache_bf16_kv_bytes_per_token_per_layer": per_token_per_layer,
+        "cache_bf16_fixed_bytes_per_sequence_per_layer": (held[64] - 64 * per_token_per_layer * layers) / layers,
+    }
+
+
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -116,9 +133,7 @@ def main() -> None:
     result[f"prefill_ratio_{args.prefill_tokens}"] = round(times["transformers"] / times["zaya_hf"], 2)
     result["greedy_tokens_identical"] = identical
 
-    cache = ZayaCache(ours.config)
-    ours(long_prompt, cache=cache, use_cache=True)
-    result["cache_bytes_per_token"] = round(cache.nbytes / args.prefill_tokens, 1)
+    result.update(measure_cache_bytes(ours, device))
     print(json.dumps(result))
 
 
