@@ -261,6 +261,7 @@ def test_question_as_messages_and_the_think_instruction_cut(tokenizer):
         ("<think>a</think><think>b \\boxed{1}</think> \\fbox{x^{2}}", "x^{2}"),
         ("final \\boxed{5} then \\boxed{6", "5"),  # the last box is cut off: the last complete one counts
         ("no answer", None),
+        ("put it in \\boxed{ }.", None),
     ],
 )
 def test_extract_boxed_answer(text, answer):

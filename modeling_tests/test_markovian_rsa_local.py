@@ -1,6 +1,10 @@
 """Markovian RSA on a tiny ZAYA through its own generate(): batching, fan-out, accounting, bounded memory."""
 
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +205,45 @@ def test_memory_is_bounded_whatever_the_number_of_rounds(model, tokenizer, tail_
         peaks[rounds] = [record.peak_cache_bytes for record in result.rounds]
     # Later rounds need no more memory than the first aggregation round did.
     assert max(peaks[4][1:]) <= cache_bound and peaks[4][:2] == peaks[1][:2]
+
+
+def test_generation_module_travels_as_remote_code(model, tokenizer, tmp_path, monkeypatch):
+    """save_pretrained ships generation_zaya.py next to modeling_zaya.py; a process that never imports zaya_hf
+    loads the folder with trust_remote_code and runs Markovian RSA. Optional imports are guarded."""
+    from transformers.dynamic_module_utils import get_imports
+
+    from zaya_hf import generation_zaya
+
+    assert set(get_imports(generation_zaya.__file__)) <= {"collections", "copy", "dataclasses", "random", "re",
+                                                          "threading", "torch", "typing"}
+    monkeypatch.setattr(type(model), "_auto_class", "AutoModelForCausalLM")
+    monkeypatch.setattr(type(model.config), "_auto_class", "AutoConfig")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "generation_zaya.py").exists()
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "assert 'zaya_hf' not in sys.modules and type(model).__module__.startswith('transformers_modules')\n"
+        "result = model.generate_markovian_rsa('What is three plus four ?', AutoTokenizer.from_pretrained(sys.argv[1]),\n"
+        "    rounds=1, population=2, subset_size=2, rollout_tokens=3, tail_tokens=2, progress=False)\n"
+        "print(result.generated_tokens, len(result.rounds))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    generated, rounds = map(int, done.stdout.split()[-2:])
+    assert rounds == 2 and 2 <= generated <= 2 * 2 * 3
+
+
+def test_example_runs_offline_in_demo_mode():
+    example = Path(__file__).resolve().parents[1] / "examples" / "markovian_rsa.py"
+    done = subprocess.run([sys.executable, str(example), "--demo", "--rounds", "1", "--population", "2",
+                           "--rollout-tokens", "4", "--tail-tokens", "2", "--reference", "9"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "at most 16 decode tokens" in done.stdout  # 2 rollouts x 2 rounds x 4 tokens
+    assert "round 1: 2 rollouts" in done.stdout and "mean accuracy" in done.stdout

@@ -102,7 +102,8 @@ _BOXED_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def extract_boxed_answer(text: str) -> str | None:
-    """The content of the last complete `\\boxed{...}` (brace-matched) after the last `</think>`, else None."""
+    """The content of the last complete `\\boxed{...}` (brace-matched) after the last `</think>`, else None
+    (also for an empty box)."""
     reasoning, answer = split_reasoning(text)
     region = reasoning if answer is None else answer
     for match in reversed(list(_BOXED_OPEN.finditer(region))):
@@ -111,7 +112,7 @@ def extract_boxed_answer(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(region[end], 0)
             end += 1
         if depth == 0:
-            return region[match.end() : end - 1].strip()
+            return region[match.end() : end - 1].strip() or None  # an empty box is no answer
     return None
 
 
