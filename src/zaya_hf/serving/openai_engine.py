@@ -149,12 +149,14 @@ class OpenAICompletionsEngine:
     # -- the RolloutEngine interface ---------------------------------------------------------------------------
 
     def request_body(self, prompt: list[int], max_new_tokens: int, sampling: dict, seed: int | None) -> dict:
+        """The JSON of one rollout. Filters the sampling dict does not name are sent switched off (top_p=1,
+        top_k=-1, which vLLM and SGLang read as "no top-k"), so the model's generation_config cannot add them."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_new_tokens, "n": 1, "stream": False,
                 "skip_special_tokens": False}
         if is_greedy(sampling):
             body["temperature"] = 0.0
         else:
-            body.update(temperature=1.0, top_p=1.0)
+            body.update(temperature=1.0, top_p=1.0, top_k=-1)
             body.update({k: v for k, v in sampling.items() if k in ("temperature", "top_p", "top_k", "min_p")})
         if "repetition_penalty" in sampling:
             body["repetition_penalty"] = sampling["repetition_penalty"]
