@@ -21,6 +21,7 @@ from transformers.utils import logging
 
 from .cache_zaya import ZayaCache, ZayaStaticCache
 from .configuration_zaya import ZayaConfig
+from .generation_zaya import ZayaGenerationMixin
 
 logger = logging.get_logger(__name__)
 
@@ -675,7 +676,7 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     return num_experts * (routed.mean(0)[:num_experts] * probs.mean(0)[:num_experts]).sum()
 
 
-class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
+class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin):
     """ZAYA1 language model (tied embedding head). `generate()` runs on a `ZayaCache`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
