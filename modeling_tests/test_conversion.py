@@ -270,6 +270,7 @@ BAD_INPUTS = {
         r"config\.json follows the current schema but the tensors the legacy layout",
     ),
     "other architecture": (_config_edit(activation_func="gelu"), UnknownLayoutError, r"activation_func='gelu'"),
+    "invalid config": (_config_edit(moe_router_topk=2), CheckpointError, r"not a valid ZAYA configuration.*must be 1"),
     "no weights": (lambda f: [p.unlink() for p in f.glob("model*")], UnknownLayoutError, r"Only safetensors"),
 }
 

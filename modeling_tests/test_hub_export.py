@@ -231,8 +231,8 @@ def test_export_refusals(exported, tmp_path):
     model, _, folder, _ = exported
     with pytest.raises(FileExistsError):
         export_for_hub(model, folder)
-    with pytest.raises(TypeError, match="ZAYA model or a checkpoint folder"):
-        export_for_hub(torch.nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(TypeError, match="ZayaForCausalLM or a checkpoint folder"):
+        export_for_hub(model.model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

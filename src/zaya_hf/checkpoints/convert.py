@@ -10,7 +10,6 @@ verified before it appears under its name. The input is only ever read.
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from transformers.utils.logging import tqdm
@@ -29,7 +28,7 @@ from .layouts import (
     read_current_tensor,
     tensor_groups,
 )
-from .verify import CheckpointReport, verify_checkpoint
+from .verify import CheckpointReport, run_command, verify_checkpoint
 
 
 def open_checked(folder: Path) -> tuple[CheckpointReader, Layout, ZayaConfig]:
@@ -103,7 +102,6 @@ def convert_checkpoint(
 def main(argv: list[str] | None = None) -> int:
     """Command line: `convert INPUT_DIR OUTPUT_DIR [--to current|legacy]`. Returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="convert",
         description="Convert a ZAYA1 checkpoint between the legacy (80 half-layers) and the current layout.",
     )
     parser.add_argument("input_dir", type=Path, help="checkpoint folder (config.json + safetensors); only read")
@@ -113,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-forward-check", action="store_true", help="skip the forward pass on a slice of the result")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        report = convert_checkpoint(
+    return run_command(
+        lambda: convert_checkpoint(
             args.input_dir,
             args.output_dir,
             to=args.to,
@@ -122,8 +120,4 @@ def main(argv: list[str] | None = None) -> int:
             forward_check=not args.no_forward_check,
             progress=not args.no_progress,
         )
-    except (CheckpointError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0
+    )

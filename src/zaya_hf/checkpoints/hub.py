@@ -19,22 +19,22 @@ import dataclasses
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCardData
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.dynamic_module_utils import get_relative_imports
 from transformers.utils import logging
 
 from .. import modeling_zaya
 from ..configuration_zaya import ZayaConfig
+from ..modeling_zaya import ZayaForCausalLM
 from .convert import open_checked, write_checkpoint
 from .errors import CheckpointError
 from .files import CONFIG_FILE, TOKENIZER_FILES, copy_companion_files, read_json, staged_output, write_json
 from .layouts import current_tensor_shapes
-from .verify import CheckpointReport, verify_checkpoint
+from .verify import CheckpointReport, run_command, verify_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -69,7 +69,7 @@ def remote_code_files() -> list[Path]:
     return files
 
 
-def format_parameter_count(count: int) -> str:
+def _format_count(count: int) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if count >= scale:
             return f"{count / scale:.2f}{suffix}"
@@ -78,7 +78,7 @@ def format_parameter_count(count: int) -> str:
 
 def model_card(config: ZayaConfig, repo_id: str, base_model: str | None = None, license: str | None = None) -> str:
     """A model card (README.md) for an exported ZAYA folder: metadata for the Hub and the ways to load it."""
-    from .. import __version__
+    from .. import __version__  # here, not at the top: the package's __init__ imports this module
 
     data = ModelCardData(
         library_name="transformers",
@@ -93,7 +93,7 @@ def model_card(config: ZayaConfig, repo_id: str, base_model: str | None = None, 
     body = f"""
 # {repo_id.split("/")[-1]}
 
-A ZAYA1 model ({format_parameter_count(parameters)} parameters): {config.num_hidden_layers} layers of Compressed
+A ZAYA1 model ({_format_count(parameters)} parameters): {config.num_hidden_layers} layers of Compressed
 Convolutional Attention ({config.num_attention_heads} query / {config.num_key_value_heads} key-value heads{attention})
 and a top-1 mixture of {config.num_experts} experts with an MLP router. Exported with zaya_hf {__version__}.
 
@@ -150,7 +150,7 @@ def _finish_export(
 
 
 def export_for_hub(
-    model_or_dir: PreTrainedModel | str | os.PathLike,
+    model_or_dir: ZayaForCausalLM | str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
@@ -165,7 +165,7 @@ def export_for_hub(
     or `hf upload`.
 
     Args:
-        model_or_dir: a zaya_hf model, or a checkpoint folder in the current or the legacy layout (converted on the
+        model_or_dir: a zaya_hf causal LM, or a checkpoint folder in the current or the legacy layout (converted on the
             way; its tokenizer and generation files come along).
         output_dir: a new or empty folder.
         tokenizer: a tokenizer, or a folder with tokenizer files (default: those of `model_or_dir` if a folder).
@@ -182,14 +182,14 @@ def export_for_hub(
             copy_companion_files(source, staging)
             has_tokenizer = _finish_export(staging, config, tokenizer, repo_id, base_model, license)
             report = verify_checkpoint(staging)
-    elif isinstance(model_or_dir, PreTrainedModel) and model_or_dir.config.model_type == "zaya":
+    elif isinstance(model_or_dir, ZayaForCausalLM):
         with staged_output(output_dir) as staging:
             model_or_dir.save_pretrained(staging, max_shard_size=max_shard_size)
             has_tokenizer = _finish_export(staging, model_or_dir.config, tokenizer, repo_id, base_model, license)
             report = verify_checkpoint(staging)
     else:
         raise TypeError(
-            f"export_for_hub takes a ZAYA model or a checkpoint folder, got {type(model_or_dir).__name__} "
+            f"export_for_hub takes a ZayaForCausalLM or a checkpoint folder, got {type(model_or_dir).__name__} "
             "(for a PEFT model, export `model.merge_and_unload()`)."
         )
     if not has_tokenizer:
@@ -200,7 +200,6 @@ def export_for_hub(
 def main(argv: list[str] | None = None) -> int:
     """Command line: `export SOURCE_DIR OUTPUT_DIR [--tokenizer DIR] [--repo-id ID]`. Returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="export",
         description="Write a ZAYA1 checkpoint (current or legacy layout) as a Hub folder that loads with "
         "trust_remote_code=True where zaya_hf is not installed.",
     )
@@ -213,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        report = export_for_hub(
+    return run_command(
+        lambda: export_for_hub(
             args.source_dir,
             args.output_dir,
             tokenizer=args.tokenizer,
@@ -224,8 +223,4 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
         )
-    except (CheckpointError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0
+    )

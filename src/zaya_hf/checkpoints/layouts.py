@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration_zaya import _DEFAULT_ROPE_PARAMETERS, ZayaConfig
 from ..modeling_zaya import ZayaForCausalLM, _preview
-from .errors import MissingTensorsError, UnexpectedTensorsError, UnknownLayoutError, WrongShapeError
+from .errors import CheckpointError, MissingTensorsError, UnexpectedTensorsError, UnknownLayoutError, WrongShapeError
 from .files import CONFIG_FILE, CheckpointReader, read_json
 
 Layout = Literal["current", "legacy"]
@@ -280,7 +281,13 @@ def current_config_to_legacy(config: ZayaConfig) -> dict:
 def read_config(folder: Path, layout: Layout) -> ZayaConfig:
     """The current-layout configuration of a checkpoint folder in `layout`."""
     config = read_json(folder / CONFIG_FILE)
-    return legacy_config_to_current(config) if layout == "legacy" else ZayaConfig.from_dict(config)
+    try:
+        return legacy_config_to_current(config) if layout == "legacy" else ZayaConfig.from_dict(config)
+    except (StrictDataclassError, ValueError, TypeError) as error:
+        if isinstance(error, UnknownLayoutError):
+            raise
+        reason = " ".join(str(error).split())  # validation errors span several indented lines
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not a valid ZAYA configuration: {reason}") from None
 
 
 def names_layout(names: list[str], where: Path) -> Layout:

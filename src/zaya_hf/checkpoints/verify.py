@@ -1,6 +1,8 @@
 """Verification of a checkpoint folder: the tensors its config requires, each once and of the right shape, and a forward
 pass through the first layer on a slice of the vocabulary (cheap at any model size)."""
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import torch
 
 from ..configuration_zaya import ZayaConfig
 from ..modeling_zaya import ZayaForCausalLM
-from .errors import VerificationError
+from .errors import CheckpointError, VerificationError
 from .files import CheckpointReader
 from .layouts import (
     Layout,
@@ -44,6 +46,17 @@ class CheckpointReport:
             f"{self.folder}: {self.layout} layout, {self.num_tensors} tensors ({self.num_parameters:,} values) in "
             f"{self.num_shards} shard(s), every expected tensor present once with its shape{forward}"
         )
+
+
+def run_command(work: Callable[[], CheckpointReport]) -> int:
+    """A command line's exit status: print the report of `work` (0), or the checkpoint error it raised (1)."""
+    try:
+        report = work()
+    except (CheckpointError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
 
 
 def check_forward_on_slice(reader: CheckpointReader, layout: Layout, config: ZayaConfig) -> torch.Tensor:
