@@ -17,7 +17,7 @@ from conftest import randomize, tiny_config
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import zaya_hf
 from zaya_hf import ZayaForCausalLM, export_for_hub
@@ -75,6 +75,11 @@ def test_export_folder_holds_weights_config_code_tokenizer_and_card(exported):
     assert {"zaya", "custom_code"} <= set(card.data.tags) and card.data.license == "apache-2.0"
     assert 'from_pretrained("someone/zaya-tiny", dtype="auto", trust_remote_code=True)' in card.text
     assert f"{model.config.num_experts} experts" in card.text
+
+    # Where zaya_hf is imported its classes serve, whether or not remote code is trusted.
+    for trust_remote_code in (None, True):
+        loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        assert type(loaded) is ZayaForCausalLM
 
 
 def test_save_pretrained_writes_the_same_files_as_the_export(exported, tmp_path):
