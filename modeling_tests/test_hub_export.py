@@ -103,6 +103,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as TransformersZaya
 
     folder, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(int(sys.argv[3]))  # as in the test process: bit-identical results need the same reductions
     try:
         import zaya_hf
         raise SystemExit("zaya_hf is importable")
@@ -151,7 +152,11 @@ def test_export_loads_without_zaya_hf_and_matches_the_package(exported, tmp_path
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_MODULES_CACHE")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     run = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, str(script), str(folder), str(tmp_path), str(torch.get_num_threads())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     remote = torch.load(tmp_path / "results.pt", weights_only=False)
