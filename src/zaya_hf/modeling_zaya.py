@@ -21,6 +21,7 @@ from transformers.utils import logging
 
 from .cache_zaya import ZayaCache, ZayaStaticCache
 from .configuration_zaya import ZayaConfig
+from .generation_zaya import ZayaGenerationMixin
 
 logger = logging.get_logger(__name__)
 
@@ -493,6 +494,14 @@ class MismatchedWeightsError(ValueError):
     """A checkpoint tensor has a different shape than the model's (usually a config that does not fit the weights)."""
 
 
+# The Auto classes a saved folder answers to when this code travels with it (trust_remote_code).
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_zaya.ZayaConfig",
+    "AutoModel": "modeling_zaya.ZayaModel",
+    "AutoModelForCausalLM": "modeling_zaya.ZayaForCausalLM",
+}
+
+
 def _preview(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
@@ -538,6 +547,14 @@ class ZayaPreTrainedModel(PreTrainedModel):
                 + ". Refusing to initialise them randomly (allow_missing_weights=True to do so on purpose)."
             )
         return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (and so `push_to_hub`). When the code travels with the checkpoint
+        (`register_for_auto_class`), `auto_map` names all of AutoConfig, AutoModel and AutoModelForCausalLM, not
+        only the class being saved."""
+        if self.is_remote_code():
+            self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -675,7 +692,7 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     return num_experts * (routed.mean(0)[:num_experts] * probs.mean(0)[:num_experts]).sum()
 
 
-class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
+class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin):
     """ZAYA1 language model (tied embedding head). `generate()` runs on a `ZayaCache`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

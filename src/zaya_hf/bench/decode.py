@@ -85,8 +85,9 @@ def run_decode_benchmark(
     repeats: int = 3,
     on_measurement: Callable[[str], None] | None = None,
 ) -> dict:
-    """Decode tokens/s per batch size, prefill tokens/s, cache bytes per token; with `reference`, the same for
-    transformers' ZAYA, the ratios and whether greedy tokens are identical. Both models must be on one device."""
+    """Decode tokens/s per batch size, prefill tokens/s, bf16 cache bytes (per token per layer, and the fixed
+    per-sequence state); with `reference`, the same speeds for transformers' ZAYA, the ratios and whether greedy
+    tokens are identical. Both models must be on one device. Leaves `ours` in bf16 (the cache is measured last)."""
     device = ours.device
     models = {"zaya_hf": ours} if reference is None else {"zaya_hf": ours, "transformers": reference}
     vocab = ours.config.vocab_size
@@ -123,10 +124,26 @@ def run_decode_benchmark(
     if on_measurement is not None:
         on_measurement(f"prefill {prefill_tokens}")
 
-    cache = ZayaCache(ours.config)
-    ours(long_prompt, cache=cache, use_cache=True)
-    result["cache_bytes_per_token"] = round(cache.nbytes / prefill_tokens, 1)
+    result.update(measure_cache_bytes(ours))
     return result
+
+
+@torch.no_grad()
+def measure_cache_bytes(model: ZayaForCausalLM) -> dict:
+    """KV bytes per token per layer and the fixed per-sequence CCA state, read off real `ZayaCache` objects in bf16.
+    Casts `model` to bf16 in place: run it last."""
+    model = model.to(torch.bfloat16)
+    held = {}
+    for length in (64, 128):
+        cache = ZayaCache(model.config)
+        model(torch.randint(1, model.config.vocab_size, (1, length), device=model.device), cache=cache, use_cache=True)
+        held[length] = cache.nbytes
+    layers = model.config.num_hidden_layers
+    per_token_per_layer = (held[128] - held[64]) / 64 / layers
+    return {
+        "cache_bf16_kv_bytes_per_token_per_layer": per_token_per_layer,
+        "cache_bf16_fixed_bytes_per_sequence_per_layer": (held[64] - 64 * per_token_per_layer * layers) / layers,
+    }
 
 
 __all__ = ["BENCH_SMALL", "build_bench_small", "reference_twin", "run_decode_benchmark"]
