@@ -1,10 +1,13 @@
-"""Markovian RSA on a question: with a local model folder, an OpenAI-compatible server, or an offline demo.
+"""Markovian RSA on a question: with the embedded model, a local model folder, an OpenAI-compatible server, or
+an offline demo.
 
+    python examples/markovian_rsa.py                 # the embedded model on a held-out problem of its task (offline)
     python examples/markovian_rsa.py --model PATH [--question TEXT] [--reference ANSWER] [options]
     python examples/markovian_rsa.py --endpoint http://127.0.0.1:8000 --tokenizer PATH [--served-model NAME] ...
     python examples/markovian_rsa.py --demo          # a tiny random ZAYA built in process: shows the mechanics only
 
-Defaults are the ZAYA1-8B recommended deployment (T=2, N=16, C=4, β=16K, τ=4K); `--demo` shrinks them.
+Defaults are the ZAYA1-8B recommended deployment (T=2, N=16, C=4, β=16K, τ=4K); the embedded model uses
+`zaya-hf demo`'s settings (its solutions are a few dozen tokens), `--demo` shrinks them further.
 The package downloads nothing: `--model` is a local folder (e.g. a snapshot of Zyphra/ZAYA1-8B).
 """
 
@@ -42,8 +45,8 @@ def demo_model_and_tokenizer():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="local model folder (weights, config, tokenizer)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="local model folder (weights, config, tokenizer); default: the embedded model")
     source.add_argument("--endpoint", help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     source.add_argument("--demo", action="store_true", help="a tiny random model built in process (offline)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model; required with --endpoint)")
@@ -53,11 +56,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--reference", help="the correct answer: prints mean accuracy, majority and pass@N")
-    parser.add_argument("--rounds", type=int, default=2, help="T")
-    parser.add_argument("--population", type=int, default=16, help="N")
-    parser.add_argument("--subset-size", type=int, default=4, help="C")
-    parser.add_argument("--rollout-tokens", type=int, default=16384, help="β")
-    parser.add_argument("--tail-tokens", type=int, default=4096, help="τ")
+    parser.add_argument("--rounds", type=int, help="T")
+    parser.add_argument("--population", type=int, help="N")
+    parser.add_argument("--subset-size", type=int, help="C")
+    parser.add_argument("--rollout-tokens", type=int, help="β")
+    parser.add_argument("--tail-tokens", type=int, help="τ")
     parser.add_argument("--final-tokens", type=int)
     parser.add_argument("--final-population", type=int)
     parser.add_argument("--selection", default="majority", choices=["majority", "aggregate"])
@@ -67,6 +70,23 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+
+    if not (args.model or args.endpoint or args.demo):
+        from zaya_hf import default_model_path
+        from zaya_hf.tiny_reasoner import DEMO_RSA_SETTINGS
+        from zaya_hf.tiny_reasoner.task import held_out_problems
+
+        settings = DEMO_RSA_SETTINGS
+        if args.question == DEFAULT_QUESTION:
+            problem = held_out_problems(1)[0]
+            args.question, args.reference = problem.question, args.reference or str(problem.answer)
+        args.model, args.dtype = default_model_path(), "float32"
+        print(f"the embedded model on {args.question!r}")
+    else:
+        settings = vars(MarkovianRSAConfig())  # ZAYA1-8B's recommended deployment
+    for name in ("rounds", "population", "subset_size", "rollout_tokens", "tail_tokens"):
+        if getattr(args, name) is None:
+            setattr(args, name, settings[name])
 
     if args.demo:
         print("--demo: a tiny random ZAYA; its text is noise. Use --model or --endpoint for real answers.")

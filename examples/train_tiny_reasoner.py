@@ -23,9 +23,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers)
     parser.add_argument("--moe-intermediate-size", type=int, default=defaults.moe_intermediate_size)
+    parser.add_argument("--tokenizer-problems", type=int, default=defaults.tokenizer_problems,
+                        help="problems whose texts train the tokenizer")
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for the final greedy check")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -37,8 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--out {args.out} exists and is not empty; choose a new folder.")
     torch.set_num_threads(args.threads)
     recipe = TinyReasonerRecipe(
-        seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, hidden_size=args.hidden_size,
+        seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate, hidden_size=args.hidden_size,
         num_hidden_layers=args.layers, moe_intermediate_size=args.moe_intermediate_size,
+        tokenizer_problems=args.tokenizer_problems,
     )
     summary = train_tiny_reasoner(recipe, args.out, eval_problems=args.eval_problems)
     print(json.dumps({k: v for k, v in summary.items() if k != "recipe"}))

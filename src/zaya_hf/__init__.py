@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache_zaya import ZayaCache, ZayaStaticCache, predict_cache_nbytes
 from .checkpoints import export_for_hub
 from .configuration_zaya import ZayaConfig
+from .default_model import default_model_path
 from .modeling_zaya import MismatchedWeightsError, MissingWeightsError, ZayaForCausalLM, ZayaModel, ZayaPreTrainedModel
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "ZayaModel",
     "ZayaPreTrainedModel",
     "ZayaStaticCache",
+    "default_model_path",
     "export_for_hub",
     "predict_cache_nbytes",
     "register_auto_classes",

@@ -7,9 +7,6 @@ import torch
 
 from .common import CommandError, add_model_arguments, load_model, load_tokenizer, non_negative_int, positive_int, sampling_from
 
-# ZAYA1-8B's recommended deployment (T=2, N=16, C=4, β=16K, τ=4K) for real models; the demo settings for the
-# embedded model, whose solutions are a few dozen tokens long.
-ZAYA1_8B_SETTINGS = {"rounds": 2, "population": 16, "subset_size": 4, "rollout_tokens": 16384, "tail_tokens": 4096}
 
 
 def add_rsa_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,13 +60,16 @@ def add_rsa_parser(subparsers) -> None:
 def run_rsa(args: argparse.Namespace) -> int:
     import sys
 
-    from ..generation_zaya import LocalGenerationEngine, run_markovian_rsa
+    from ..generation_zaya import LocalGenerationEngine, MarkovianRSAConfig, run_markovian_rsa
     from ..tiny_reasoner import DEMO_RSA_SETTINGS
 
     question = sys.stdin.read().strip() if args.question == "-" else args.question
+    # The embedded model's solutions are a few dozen tokens: it gets the demo settings; real models get ZAYA1-8B's
+    # recommended deployment (MarkovianRSAConfig's defaults: T=2, N=16, C=4, β=16K, τ=4K).
     embedded = args.model is None and args.endpoint is None
+    defaults = DEMO_RSA_SETTINGS if embedded else {name: getattr(MarkovianRSAConfig(), name) for name in DEMO_RSA_SETTINGS}
     config = rsa_config(
-        args, DEMO_RSA_SETTINGS if embedded else ZAYA1_8B_SETTINGS, final_tokens=args.final_tokens,
+        args, defaults, final_tokens=args.final_tokens,
         final_population=args.final_population, selection=args.selection, tail_unit=args.tail_unit,
         answer_tail=args.answer_tail,
     )

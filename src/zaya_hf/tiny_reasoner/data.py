@@ -70,10 +70,11 @@ def tokenizer_corpus(seed: int, num_problems: int, spec: TaskSpec = TaskSpec()) 
 @dataclass
 class AggregationMix:
     """How aggregation examples are drawn: subset sizes C, tail lengths τ (tokens), and the range of the
-    probability that a candidate is right (drawn per example, so that every mix of right and wrong occurs)."""
+    probability that a candidate is right (drawn per example, so that every mix of right and wrong occurs).
+    The defaults are the demo's C and τ: a small model learns one setting better than many."""
 
-    subset_sizes: tuple[int, ...] = (1, 2, 3, 4, 4, 4)
-    tail_tokens: tuple[int, ...] = (32, 48, 48, 64)
+    subset_sizes: tuple[int, ...] = (4,)
+    tail_tokens: tuple[int, ...] = (48,)
     candidate_accuracy: tuple[float, float] = (0.2, 0.9)
 
 
@@ -92,14 +93,19 @@ class ExampleBuilder:
     def solve(self, problem: ArithmeticProblem) -> dict:
         return self._example([{"role": "user", "content": problem.question}], problem.solution())
 
-    def aggregate(self, problem: ArithmeticProblem, rng: random.Random) -> dict:
+    def candidate_tails(self, problem: ArithmeticProblem, rng: random.Random) -> list[str]:
+        """C candidate completions, each right with a probability drawn for the example, cut to their tails by
+        Markovian RSA's own `candidate_tail` (τ tokens of the reasoning)."""
         subset_size = rng.choice(self.mix.subset_sizes)
         tail_tokens = rng.choice(self.mix.tail_tokens)
         accuracy = rng.uniform(*self.mix.candidate_accuracy)
         candidates = [
             problem.solution() if rng.random() < accuracy else flawed_solution(problem, rng) for _ in range(subset_size)
         ]
-        tails = [candidate_tail(text, tail_tokens, "tokens", self.tokenizer) for text in candidates]
+        return [candidate_tail(text, tail_tokens, "tokens", self.tokenizer) for text in candidates]
+
+    def aggregate(self, problem: ArithmeticProblem, tails: list[str]) -> dict:
+        """The aggregation prompt over `tails` (Markovian RSA's default template) -> the correct solution."""
         return self._example(aggregation_messages(None, problem.question, tails), problem.solution())
 
 
@@ -113,7 +119,7 @@ class TinyReasonerStream(torch.utils.data.IterableDataset):
         builder: ExampleBuilder,
         seed: int,
         batch_size: int,
-        aggregation_fraction: float = 0.35,
+        aggregation_fraction: float = 0.5,
         spec: TaskSpec = TaskSpec(),
     ):
         self.builder, self.seed, self.batch_size = builder, seed, batch_size
@@ -125,7 +131,10 @@ class TinyReasonerStream(torch.utils.data.IterableDataset):
         while True:
             aggregate = rng.random() < self.aggregation_fraction
             for problem in _take(problems, self.batch_size):
-                yield self.builder.aggregate(problem, rng) if aggregate else self.builder.solve(problem)
+                if aggregate:
+                    yield self.builder.aggregate(problem, self.builder.candidate_tails(problem, rng))
+                else:
+                    yield self.builder.solve(problem)
 
 
 def collate_right_padded(examples: list[dict], pad_token_id: int) -> dict:

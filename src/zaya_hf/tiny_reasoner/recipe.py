@@ -47,7 +47,7 @@ class TinyReasonerRecipe:
     learning_rate: float = 2e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
-    aggregation_fraction: float = 0.35
+    aggregation_fraction: float = 0.5
     task: TaskSpec = field(default_factory=TaskSpec)
     aggregation: AggregationMix = field(default_factory=AggregationMix)
 
@@ -107,7 +107,7 @@ def train_tiny_reasoner(
             weight_decay=recipe.weight_decay,
             adam_beta2=0.98,
             max_grad_norm=1.0,
-            logging_steps=max(1, min(50, recipe.max_steps // 10)),
+            logging_steps=max(1, min(25, recipe.max_steps // 10)),
             save_strategy="no",
             report_to=[],
             use_cpu=True,
@@ -132,7 +132,7 @@ def train_tiny_reasoner(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.max_new_tokens = 128
     output_dir = Path(output_dir)
-    model.to(save_dtype).save_pretrained(output_dir)
+    save_without_remote_code(model.to(save_dtype), output_dir)
     tokenizer.save_pretrained(output_dir)
     model.to(torch.float32)
     problems = held_out_problems(eval_problems, spec=recipe.task) if eval_problems else []
@@ -151,4 +151,16 @@ def train_tiny_reasoner(
     return summary
 
 
-__all__ = ["TinyReasonerRecipe", "train_tiny_reasoner"]
+def save_without_remote_code(model: ZayaForCausalLM, output_dir: Path) -> None:
+    """`save_pretrained` minus the modeling files and `auto_map` it adds for the Hub: the embedded model is loaded
+    by the installed package, and Python files in its data folder would be a second copy of the package code."""
+    model.save_pretrained(output_dir)
+    for code in output_dir.glob("*.py"):
+        code.unlink()
+    config_file = output_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("auto_map", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = ["TinyReasonerRecipe", "save_without_remote_code", "train_tiny_reasoner"]

@@ -33,7 +33,7 @@ class TaskSpec:
     min_operations: int = 2
     max_operations: int = 5
     max_operand: int = 9
-    max_total: int = 60
+    max_total: int = 30
 
     def __post_init__(self):
         if not 1 <= self.min_operations <= self.max_operations:
