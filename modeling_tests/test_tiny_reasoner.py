@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zaya_hf
@@ -108,12 +109,13 @@ def load_training_script():
     return module
 
 
-def test_training_script_runs_a_shortened_recipe(tmp_path):
+SHORT_RECIPE = ["--max-steps", "3", "--batch-size", "4", "--hidden-size", "32", "--layers", "2",
+                "--moe-intermediate-size", "32", "--tokenizer-problems", "200", "--eval-problems", "2"]
+
+
+def test_training_script_runs_a_shortened_recipe_reproducibly(tmp_path):
     out = tmp_path / "model"
-    summary = load_training_script().main([
-        "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--hidden-size", "32", "--layers", "2",
-        "--moe-intermediate-size", "32", "--tokenizer-problems", "200", "--eval-problems", "2",
-    ])
+    summary = load_training_script().main(["--out", str(out), *SHORT_RECIPE])
     assert summary["max_steps"] == 3 and summary["held_out_problems"] == 2
     assert not list(out.glob("*.py")) and "auto_map" not in json.loads((out / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -123,6 +125,12 @@ def test_training_script_runs_a_shortened_recipe(tmp_path):
     assert json.loads((out / "training_summary.json").read_text())["parameters"] == model.num_parameters()
     with pytest.raises(SystemExit):  # never overwrites a model
         load_training_script().main(["--out", str(out), "--max-steps", "1"])
+
+    # Same recipe and seed, same thread count: the same tokenizer and bit-identical weights.
+    load_training_script().main(["--out", str(tmp_path / "again"), *SHORT_RECIPE])
+    assert (out / "tokenizer.json").read_text() == (tmp_path / "again" / "tokenizer.json").read_text()
+    first, second = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
 
 
 def test_the_embedded_model_ships_inside_the_package_and_solves_held_out_problems():
