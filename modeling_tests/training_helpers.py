@@ -36,13 +36,16 @@ def tiny_model(seed: int = 0, **overrides) -> ZayaForCausalLM:
 
 
 class StrideCorpus(Dataset):
-    """Rows `3 + (start + stride * t) mod (vocab - 3)` with a random start and a stride from {1, 2, 3, 5}: a bigram
-    model gets the loss from ln(vocab) to about ln(4); the conv / attention can pin the stride from two tokens."""
+    """Rows `3 + (start + stride * t) mod (vocab - 3)` with a random start and a random stride from `strides`: a
+    bigram model gets the loss from ln(vocab) to about ln(len(strides)); the conv / attention can pin the stride
+    from two tokens."""
 
-    def __init__(self, num_rows: int, seq_len: int = 32, vocab_size: int = 101, seed: int = 0):
+    def __init__(
+        self, num_rows: int, seq_len: int = 32, vocab_size: int = 101, seed: int = 0, strides=(1, 2, 3, 5)
+    ):
         gen = torch.Generator().manual_seed(seed)
         start = torch.randint(0, vocab_size - 3, (num_rows, 1), generator=gen)
-        stride = torch.tensor([1, 2, 3, 5])[torch.randint(0, 4, (num_rows, 1), generator=gen)]
+        stride = torch.tensor(strides)[torch.randint(0, len(strides), (num_rows, 1), generator=gen)]
         self.input_ids = 3 + (start + stride * torch.arange(seq_len)) % (vocab_size - 3)  # [N, S]
 
     def __len__(self) -> int:
