@@ -66,6 +66,11 @@ class BiasBalancer:
     top-1 choice (they never change the expert weighting), so gains are on the probability scale. Errors sum to zero
     over the classes (loads and targets both sum to 1), so the controller never drifts the biases' mean.
 
+    Because the biases shift probabilities, they can only split tokens whose router probabilities differ by more
+    than one bias step. A router whose output hardly depends on the token (e.g. a narrow toy model initialised with
+    std 0.02: its probabilities all sit within ~1e-3 of uniform) sends whole batches to one expert whatever the
+    biases, and the loads flip from step to step; use a smaller `ki` or an init suited to the width there.
+
     Args:
         kp, ki, kd: proportional, integral and derivative gains. The integral term does the balancing: with the
             default `ki` an expert that gets 1% of the tokens too many or too few moves its bias by 1e-3 per step
