@@ -318,6 +318,9 @@ class ZayaRouter(nn.Module):
             self.router_states_scale = nn.Parameter(torch.ones(config.router_hidden_size))
         self.router_mlp = ZayaRouterMLP(config.router_hidden_size, config.num_experts + 1, config.rms_norm_eps)
         self.register_buffer("balancing_biases", self.default_balancing_biases(config.num_experts))
+        # Training only: tokens per router class since the bias balancer last read them (a plain attribute, not a
+        # buffer, so that DDP's buffer broadcast cannot overwrite one rank's counts with another's).
+        self.load_counts: torch.Tensor | None = None
 
     @staticmethod
     def default_balancing_biases(num_experts: int) -> torch.Tensor:
@@ -336,10 +339,21 @@ class ZayaRouter(nn.Module):
                 self.balancing_biases = biases.to(device=self.balancing_biases.device, dtype=torch.float32)
         return self
 
+    def record_load(self, choice: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        """Add the tokens per class of this forward to `load_counts`, on device: no host sync per layer."""
+        tokens = torch.ones_like(choice) if padding_mask is None else padding_mask.to(choice.dtype)
+        if self.load_counts is None or self.load_counts.device != choice.device:
+            self.load_counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=choice.device)
+        self.load_counts.index_add_(0, choice.reshape(-1), tokens.reshape(-1))
+
     def forward(
-        self, hidden_states: torch.Tensor, router_state: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        router_state: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`."""
+        """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`.
+        In training mode the choices of the tokens that `padding_mask` [B, S] keeps are counted for the balancer."""
         router_hidden = self.down_proj(hidden_states)  # [B, S, r]
         if self.carries_state and router_state is not None:
             router_hidden = router_hidden + router_state * self.router_states_scale
@@ -348,7 +362,10 @@ class ZayaRouter(nn.Module):
         # topk (not argmax) so that ties break exactly as in the reference implementations.
         choice = torch.topk(probs.detach().float() + self.balancing_biases, 1, dim=-1).indices  # [B, S, 1]
         weight = probs.gather(-1, choice).squeeze(-1)
-        return logits, weight, choice.squeeze(-1), router_hidden
+        choice = choice.squeeze(-1)
+        if self.training:
+            self.record_load(choice, padding_mask)
+        return logits, weight, choice, router_hidden
 
 
 class ZayaExperts(nn.Module):
@@ -401,11 +418,14 @@ class ZayaSparseMoeBlock(nn.Module):
         self.experts = ZayaExperts(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, router_state: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        router_state: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns `(output [B, S, d], router_logits [B*S, E+1], router_state)`."""
         batch, seq_len, hidden_size = hidden_states.shape
-        logits, weight, choice, router_state = self.gate(hidden_states, router_state)
+        logits, weight, choice, router_state = self.gate(hidden_states, router_state, padding_mask)
         output = self.experts(hidden_states.reshape(-1, hidden_size), choice.reshape(-1), weight.reshape(-1))
         return output.view(batch, seq_len, hidden_size), logits.reshape(-1, logits.shape[-1]), router_state
 
@@ -444,7 +464,7 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
         )
         residual = self.post_attention_residual_scale(hidden_states, residual)
         hidden_states, router_logits, router_state = self.mlp(
-            self.post_attention_layernorm(residual.to(model_dtype)), router_state
+            self.post_attention_layernorm(residual.to(model_dtype)), router_state, padding_mask
         )
         residual = self.post_mlp_residual_scale(hidden_states, residual)
         return residual, router_state, router_logits, attn_weights
@@ -684,12 +704,22 @@ class ZayaModel(ZayaPreTrainedModel):
         )
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int) -> torch.Tensor:
-    """Switch-style auxiliary loss over the E real experts: E * sum_e(fraction routed to e * mean prob of e)."""
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style auxiliary loss over the E real experts: E * sum_e(fraction routed to e * mean prob of e).
+    Tokens that the 2-D `padding_mask` [B, S] marks as padding are left out of both averages."""
     logits = torch.cat([layer_logits.float() for layer_logits in router_logits], dim=0)  # [L*N, E+1]
     probs = torch.softmax(logits, dim=-1)
     routed = F.one_hot(probs.argmax(dim=-1), num_experts + 1).float()
-    return num_experts * (routed.mean(0)[:num_experts] * probs.mean(0)[:num_experts]).sum()
+    if padding_mask is None:
+        token_weights = torch.full((logits.shape[0], 1), 1.0 / logits.shape[0], device=logits.device)
+    else:
+        tokens = padding_mask.reshape(-1).float().repeat(len(router_logits))  # [L*N], layer-major like `logits`
+        token_weights = (tokens / tokens.sum())[:, None]
+    fraction_routed = (routed * token_weights).sum(0)[:num_experts]
+    mean_probs = (probs * token_weights).sum(0)[:num_experts]
+    return num_experts * (fraction_routed * mean_probs).sum()
 
 
 class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin):
@@ -741,7 +771,11 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch)
         if output_router_logits:
-            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts)
+            if isinstance(attention_mask, dict):  # masks already prepared per layer type, as by `generate()`
+                padding_mask = attention_mask.get("conv")
+            else:
+                padding_mask = cca_padding_mask(attention_mask, hidden_states.shape[1])
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts, padding_mask)
             if loss is not None and self.config.router_aux_loss_coef:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
