@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--moe-intermediate-size", type=int, default=defaults.moe_intermediate_size)
     parser.add_argument("--tokenizer-problems", type=int, default=defaults.tokenizer_problems,
                         help="problems whose texts train the tokenizer")
+    parser.add_argument("--no-bias-balancing", action="store_true", help="train without the router bias controller")
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for the final greedy check")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -40,9 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--out {args.out} exists and is not empty; choose a new folder.")
     torch.set_num_threads(args.threads)
     recipe = TinyReasonerRecipe(
-        seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate, hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers, moe_intermediate_size=args.moe_intermediate_size,
-        tokenizer_problems=args.tokenizer_problems,
+        seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        hidden_size=args.hidden_size, num_hidden_layers=args.layers, moe_intermediate_size=args.moe_intermediate_size,
+        tokenizer_problems=args.tokenizer_problems, bias_balancing=not args.no_bias_balancing,
     )
     summary = train_tiny_reasoner(recipe, args.out, eval_problems=args.eval_problems)
     print(json.dumps({k: v for k, v in summary.items() if k != "recipe"}))

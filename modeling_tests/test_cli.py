@@ -196,3 +196,16 @@ def test_convert_and_export_forward_to_the_checkpoint_tools(tmp_path, capsys):
     assert status == 1 and "error" in err  # never overwrites
     status, _, err = run(["convert", str(tmp_path / "missing"), str(tmp_path / "out")], capsys)
     assert status != 0 and "missing" in err
+
+
+def test_markovian_rsa_example_defaults_to_the_embedded_model():
+    import os
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "markovian_rsa.py"
+    done = subprocess.run([sys.executable, str(example), *SMALL_RSA], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the embedded model on 'Compute" in done.stdout and "round 1: 2 rollouts" in done.stdout
+    assert "mean accuracy" in done.stdout  # the held-out problem's answer is the reference

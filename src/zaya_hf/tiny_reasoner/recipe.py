@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..configuration_zaya import ZayaConfig
 from ..modeling_zaya import ZayaForCausalLM
+from ..training import BiasBalancingCallback, expert_load_imbalance
 from .data import AggregationMix, ExampleBuilder, TinyReasonerStream, collate_right_padded, tokenizer_corpus, train_tokenizer
 from .evaluation import evaluate_greedy
 from .task import TaskSpec, held_out_problems
@@ -42,9 +43,12 @@ class TinyReasonerRecipe:
     router_hidden_size: int = 32
     sliding_window: int = 64
     # optimisation
-    max_steps: int = 1200
+    max_steps: int = 1500
     batch_size: int = 16
     learning_rate: float = 2e-3
+    # The PID controller on `balancing_biases` (zaya_hf.training.BiasBalancer); without it the routers of this
+    # model collapse onto one or two experts per layer.
+    bias_balancing: bool = True
     warmup_steps: int = 60
     weight_decay: float = 0.01
     aggregation_fraction: float = 0.5
@@ -117,11 +121,13 @@ def train_tiny_reasoner(
             remove_unused_columns=False,
             disable_tqdm=not progress,
         )
+        balancing = BiasBalancingCallback() if recipe.bias_balancing else None
         trainer = Trainer(
             model=model,
             args=args,
             train_dataset=dataset,
             data_collator=functools.partial(collate_right_padded, pad_token_id=tokenizer.pad_token_id),
+            callbacks=[balancing] if balancing else None,
         )
         train_output = trainer.train()
     train_seconds = time.perf_counter() - start
@@ -145,6 +151,10 @@ def train_tiny_reasoner(
         "parameters": sum(p.numel() for p in model.parameters()),
         "held_out_greedy_accuracy": accuracy,
         "held_out_problems": len(problems),
+        # max / mean expert load per layer over the last training step (1.0 = perfectly balanced)
+        "expert_load_imbalance": None if balancing is None else [
+            round(x, 3) for x in expert_load_imbalance(balancing.balancer.last_load).tolist()
+        ],
         "recipe": dataclasses.asdict(recipe),
     }
     (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
