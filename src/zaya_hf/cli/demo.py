@@ -51,7 +51,7 @@ def run_demo(args: argparse.Namespace) -> int:
     c = comparison
     rsa_label = f"Markovian RSA (T={config.rounds}, N={config.population}, C={config.subset_size})"
     width = len(rsa_label)
-    print(f"\n{'method':<{width}}  accuracy  decode tokens/problem  seconds")
+    print(f"\n{'method':<{width}}  accuracy  decode tokens/problem  seconds (all problems)")
     print(f"{'single rollout':<{width}}  {c.single_accuracy:>8.1%}  {c.single_tokens:>21.1f}  {c.single_seconds:>7.1f}")
     print(f"{rsa_label:<{width}}  {c.rsa_accuracy:>8.1%}  {c.rsa_tokens:>21.1f}  {c.seconds:>7.1f}")
     print(f"(single rollout: mean over the {config.population} round-0 rollouts of each problem; its seconds are round "
