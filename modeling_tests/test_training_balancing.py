@@ -16,29 +16,36 @@ from zaya_hf.training import (
 )
 
 
-def record(model, counts: list[list[int]]) -> None:
-    """Pretend training forwards routed `counts[layer][class]` tokens."""
-    for router, row in zip(zaya_routers(model), counts):
-        router.load_counts = torch.tensor(row)
+def record(model, counts: list[list[int]], margin_sums: list[float] | None = None) -> None:
+    """Pretend training forwards routed `counts[layer][class]` tokens, whose decision margins add up to
+    `margin_sums[layer]`."""
+    margin_sums = margin_sums or [0.0] * len(counts)
+    for router, row, margin_sum in zip(zaya_routers(model), counts, margin_sums):
+        router.load_counts, router.margin_sum = torch.tensor(row), torch.tensor(margin_sum)
 
 
-def test_pid_update_follows_the_formula():
+@pytest.mark.parametrize("scale_by_margin", [True, False])
+def test_pid_update_follows_the_formula(scale_by_margin):
     model = tiny_model()
     initial = torch.stack([r.balancing_biases for r in zaya_routers(model)]).clone()  # [2, 5]
-    balancer = BiasBalancer(kp=0.3, ki=0.2, kd=0.1)
+    balancer = BiasBalancer(kp=0.3, ki=0.2, kd=0.1, scale_by_margin=scale_by_margin)
     target = torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0])
-    steps = ([[40, 20, 20, 20, 0], [10, 30, 30, 20, 10]], [[25, 25, 25, 25, 0], [0, 50, 25, 25, 0]])
+    steps = (
+        ([[40, 20, 20, 20, 0], [10, 30, 30, 20, 10]], [2.0, 30.0]),  # 100 tokens: mean margins 0.02 and 0.3
+        ([[25, 25, 25, 25, 0], [0, 50, 25, 25, 0]], [5.0, 10.0]),
+    )
     integral, previous = torch.zeros(2, 5), None
-    for counts in steps:
-        record(model, counts)
+    for counts, margin_sums in steps:
+        record(model, counts, margin_sums)
         load = balancer.step(model)
         expected_load = torch.tensor(counts, dtype=torch.float) / 100
         torch.testing.assert_close(load, expected_load)
+        margin = torch.tensor(margin_sums)[:, None] / 100 if scale_by_margin else torch.ones(2, 1)
         error = target - expected_load
-        integral += error
+        integral += margin * error
         derivative = torch.zeros_like(error) if previous is None else error - previous
         previous = error
-        expected = initial + 0.3 * error + 0.2 * integral + 0.1 * derivative
+        expected = initial + margin * (0.3 * error + 0.1 * derivative) + 0.2 * integral
         biases = torch.stack([r.balancing_biases for r in zaya_routers(model)])
         torch.testing.assert_close(biases, expected)
         torch.testing.assert_close(biases.sum(-1), initial.sum(-1))  # the errors sum to zero: no drift
@@ -49,7 +56,7 @@ def test_pid_update_follows_the_formula():
 def test_layers_without_tokens_keep_their_biases_and_offsets_are_clamped():
     model = tiny_model()
     before = [r.balancing_biases.clone() for r in zaya_routers(model)]
-    balancer = BiasBalancer(kp=0.0, ki=1.0, max_offset=0.05)
+    balancer = BiasBalancer(kp=0.0, ki=1.0, max_offset=0.05, scale_by_margin=False)
     record(model, [[100, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
     balancer.step(model)
     first, second = (r.balancing_biases for r in zaya_routers(model))
@@ -76,9 +83,9 @@ def test_targets():
 
 def test_state_dict_round_trips_through_json():
     model = tiny_model()
-    balancer = BiasBalancer(kd=0.1)
+    balancer = BiasBalancer(kd=0.1, max_offset=0.5)
     for counts in ([[70, 10, 10, 10, 0]] * 2, [[40, 20, 20, 20, 0]] * 2):
-        record(model, counts)
+        record(model, counts, [3.0, 4.0])
         balancer.step(model)
     stored = json.loads(json.dumps(BiasBalancingCallback(balancer).state()))
     restored = BiasBalancingCallback(**stored["args"])

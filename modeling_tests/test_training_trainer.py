@@ -6,7 +6,7 @@ from training_helpers import StrideCorpus, mean_loss, tiny_model, training_args
 from transformers import Trainer
 
 from zaya_hf.modeling_zaya import load_balancing_loss
-from zaya_hf.training import collect_router_loads
+from zaya_hf.training import collect_router_loads, zaya_routers
 
 
 def test_trainer_loss_falls_by_more_than_half(tmp_path):
@@ -72,13 +72,17 @@ def test_router_loads_count_real_tokens_in_training_mode_only():
 
         model.train()
         model(ids, attention_mask=mask)
+        padded_margins = [router.margin_sum.clone() for router in zaya_routers(model)]
         padded = collect_router_loads(model)  # [L, E+1]
         for row in rows:  # left padding is exactly equivalent to no padding: the same tokens, the same choices
             model(row[None])
+        unpadded_margins = [router.margin_sum.clone() for router in zaya_routers(model)]
         unpadded = collect_router_loads(model)
     assert padded.shape == (4, 5) and padded.dtype == torch.long
     assert padded.sum(dim=-1).tolist() == [int(mask.sum())] * 4
     assert torch.equal(padded, unpadded)
+    torch.testing.assert_close(padded_margins, unpadded_margins)
+    assert all(margin > 0 for margin in padded_margins)
     assert collect_router_loads(model).sum() == 0  # reading resets
 
 

@@ -1,33 +1,24 @@
 """Tiny training setups shared by the training tests (and the DDP worker script)."""
 
 import torch
+from conftest import tiny_config
 from torch.utils.data import Dataset
 from transformers import TrainingArguments
 
 from zaya_hf import ZayaConfig, ZayaForCausalLM
 
-# Two layers, tiny widths; non-square experts (gate_up [E, 48, 32], down [E, 32, 24]) so that a transposed LoRA
-# delta could not pass unnoticed.
-TRAIN_DIMS = dict(
-    vocab_size=101,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_experts=4,
-    moe_intermediate_size=24,
-    router_hidden_size=16,
-    layer_types=["hybrid", "hybrid_sliding"],
-    sliding_window=8,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
 
 def train_config(**overrides) -> ZayaConfig:
-    return ZayaConfig(**{**TRAIN_DIMS, **overrides})
+    """Two layers, tiny widths; non-square experts (gate_up [E, 48, 32], down [E, 32, 24]) so that a transposed
+    LoRA delta could not pass unnoticed."""
+    dims = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        moe_intermediate_size=24,
+        layer_types=["hybrid", "hybrid_sliding"],
+        sliding_window=8,
+    )
+    return tiny_config(**{**dims, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides) -> ZayaForCausalLM:

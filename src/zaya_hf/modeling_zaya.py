@@ -318,9 +318,10 @@ class ZayaRouter(nn.Module):
             self.router_states_scale = nn.Parameter(torch.ones(config.router_hidden_size))
         self.router_mlp = ZayaRouterMLP(config.router_hidden_size, config.num_experts + 1, config.rms_norm_eps)
         self.register_buffer("balancing_biases", self.default_balancing_biases(config.num_experts))
-        # Training only: tokens per router class since the bias balancer last read them (a plain attribute, not a
-        # buffer, so that DDP's buffer broadcast cannot overwrite one rank's counts with another's).
+        # Training only, for the bias balancer: tokens per router class and the sum of their decision margins since
+        # it last read them (plain attributes, not buffers: DDP's buffer broadcast must not overwrite one rank's).
         self.load_counts: torch.Tensor | None = None
+        self.margin_sum: torch.Tensor | None = None
 
     @staticmethod
     def default_balancing_biases(num_experts: int) -> torch.Tensor:
@@ -339,12 +340,17 @@ class ZayaRouter(nn.Module):
                 self.balancing_biases = biases.to(device=self.balancing_biases.device, dtype=torch.float32)
         return self
 
-    def record_load(self, choice: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
-        """Add the tokens per class of this forward to `load_counts`, on device: no host sync per layer."""
-        tokens = torch.ones_like(choice) if padding_mask is None else padding_mask.to(choice.dtype)
+    def record_load(self, choice: torch.Tensor, biased_probs: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        """Add this forward's tokens per class to `load_counts` and their margins (best minus second-best biased
+        probability: how far a bias must move to re-route them) to `margin_sum`, on device: no host sync."""
+        tokens = torch.ones_like(choice) if padding_mask is None else padding_mask.to(choice.dtype)  # [B, S]
+        best_two = torch.topk(biased_probs, 2, dim=-1).values  # [B, S, 2]
+        margins = (best_two[..., 0] - best_two[..., 1]) * tokens
         if self.load_counts is None or self.load_counts.device != choice.device:
             self.load_counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=choice.device)
+            self.margin_sum = torch.zeros((), dtype=torch.float32, device=choice.device)
         self.load_counts.index_add_(0, choice.reshape(-1), tokens.reshape(-1))
+        self.margin_sum += margins.sum()
 
     def forward(
         self,
@@ -359,12 +365,13 @@ class ZayaRouter(nn.Module):
             router_hidden = router_hidden + router_state * self.router_states_scale
         logits = self.router_mlp(router_hidden)
         probs = torch.softmax(logits, dim=-1)
+        biased_probs = probs.detach().float() + self.balancing_biases
         # topk (not argmax) so that ties break exactly as in the reference implementations.
-        choice = torch.topk(probs.detach().float() + self.balancing_biases, 1, dim=-1).indices  # [B, S, 1]
+        choice = torch.topk(biased_probs, 1, dim=-1).indices  # [B, S, 1]
         weight = probs.gather(-1, choice).squeeze(-1)
         choice = choice.squeeze(-1)
         if self.training:
-            self.record_load(choice, padding_mask)
+            self.record_load(choice, biased_probs, padding_mask)
         return logits, weight, choice, router_hidden
 
 

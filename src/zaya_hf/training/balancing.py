@@ -1,8 +1,9 @@
 """PID bias balancing of the ZAYA routers: the controller on `balancing_biases` that ZAYA trains with.
 
 Each `ZayaRouter` counts, in training mode, the tokens it sends to every router class (E experts + skip, padding
-excluded) on the device. `BiasBalancer.step(model)` turns the counts recorded since its last step into loads,
-all-reduces them across data-parallel ranks and moves every layer's biases towards the target load.
+excluded) and sums their decision margins, on the device. `BiasBalancer.step(model)` turns what was recorded since
+its last step into loads, all-reduces them across data-parallel ranks and moves every layer's biases towards the
+target load.
 """
 
 import math
@@ -32,17 +33,22 @@ def collect_router_loads(model: nn.Module, reset: bool = True) -> torch.Tensor:
 
     With `reset` the routers start counting afresh. Layers that recorded nothing give a row of zeros.
     """
-    return _stacked_load_counts(zaya_routers(model), reset)
+    return _stacked_router_stats(zaya_routers(model), reset)[0]
 
 
-def _stacked_load_counts(routers: list[nn.Module], reset: bool) -> torch.Tensor:
-    rows = []
+def _stacked_router_stats(routers: list[nn.Module], reset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens per class [L, E+1] int64, sum of the tokens' decision margins [L] fp32) recorded by the routers."""
+    counts, margin_sums = [], []
     for router in routers:
-        counts = router.load_counts
-        rows.append(torch.zeros_like(router.balancing_biases, dtype=torch.long) if counts is None else counts)
+        if router.load_counts is None:
+            counts.append(torch.zeros_like(router.balancing_biases, dtype=torch.long))
+            margin_sums.append(torch.zeros_like(router.balancing_biases[0]))
+        else:
+            counts.append(router.load_counts)
+            margin_sums.append(router.margin_sum)
         if reset:
-            router.load_counts = None
-    return torch.stack(rows)
+            router.load_counts = router.margin_sum = None
+    return torch.stack(counts), torch.stack(margin_sums)
 
 
 def expert_load_imbalance(load: torch.Tensor) -> torch.Tensor:
@@ -60,29 +66,32 @@ class BiasBalancer:
     Per layer and router class c (the E experts, then skip), with l_c the fraction of the tokens routed to c since
     the previous step and e_c = target_c - l_c the load error:
 
-        bias_c = initial_c + kp * e_c + ki * sum_steps(e_c) + kd * (e_c - previous e_c)
+        bias_c = initial_c + m * (kp * e_c + kd * (e_c - previous e_c)) + ki * sum_steps(m * e_c)
 
-    where `initial` are the biases found at the first step. The biases add to the router *probabilities* before the
-    top-1 choice (they never change the expert weighting), so gains are on the probability scale. Errors sum to zero
-    over the classes (loads and targets both sum to 1), so the controller never drifts the biases' mean.
+    where `initial` are the biases found at the first step and m is the layer's mean decision margin over the
+    step's tokens: best minus second-best biased router probability. Errors sum to zero over the classes (loads
+    and targets both sum to 1), so the controller never drifts the biases' mean.
 
-    Because the biases shift probabilities, they can only split tokens whose router probabilities differ by more
-    than one bias step. A router whose output hardly depends on the token (e.g. a narrow toy model initialised with
-    std 0.02: its probabilities all sit within ~1e-3 of uniform) sends whole batches to one expert whatever the
-    biases, and the loads flip from step to step; use a smaller `ki` or an init suited to the width there.
+    Why the margin: the biases add to the router *probabilities* before the top-1 choice (they never change the
+    expert weighting), and a bias step re-routes the tokens whose margin is smaller than the step. How sharp the
+    router is sets the scale: a freshly initialised router's probabilities sit within ~1e-4 of each other, a
+    trained one's differ by ~0.1. A fixed step that suits one makes the other flip whole batches from expert to
+    expert, or crawl. Measuring the controller output in margins (gain scheduling) lets the same gains work from
+    the first step of pre-training to fine-tuning ZAYA1-8B. `scale_by_margin=False` gives the plain PID, with the
+    gains on the probability scale.
 
     Args:
-        kp, ki, kd: proportional, integral and derivative gains. The integral term does the balancing: with the
-            default `ki` an expert that gets 1% of the tokens too many or too few moves its bias by 1e-3 per step
-            (the rate of DeepSeek-V3's bias updates), a badly skewed one proportionally faster. The proportional
-            term is kept small and the derivative term off by default: per-step loads are noisy, and a large
-            `kp` or `kd` feeds that noise straight into the routing.
+        kp, ki, kd: proportional, integral and derivative gains (dimensionless with `scale_by_margin`). The
+            integral term does the balancing: with `ki=1` an expert that gets all the tokens of a layer moves its
+            bias by about one margin per step, one off by a few percent by a few percent of a margin. The derivative
+            term is off by default: per-step loads are noisy, and `kd` feeds that noise straight into the routing.
         target_load: the target fraction per class, E+1 non-negative values summing to 1 (skip last). Default:
             uniform over the experts with `skip_load` for the skip class.
         skip_load: fraction of tokens that should skip the MoE when `target_load` is not given. Default 0.0 keeps
             the published behaviour (ZAYA1-8B's skip class never wins); e.g. 0.1 asks the router to spend no
             expert compute on a tenth of the tokens.
         max_offset: optional bound on |bias - initial| per class; the integral is clamped with it (anti-windup).
+        scale_by_margin: measure the controller output in decision margins (default) or in probabilities.
         process_group: the group the loads are all-reduced over when `torch.distributed` is initialised
             (default: the world).
 
@@ -93,12 +102,13 @@ class BiasBalancer:
 
     def __init__(
         self,
-        kp: float = 0.01,
-        ki: float = 0.1,
+        kp: float = 0.2,
+        ki: float = 1.0,
         kd: float = 0.0,
         target_load: Sequence[float] | torch.Tensor | None = None,
         skip_load: float = 0.0,
         max_offset: float | None = None,
+        scale_by_margin: bool = True,
         process_group: Any = None,
     ):
         if min(kp, ki, kd) < 0:
@@ -112,6 +122,7 @@ class BiasBalancer:
         self.kp, self.ki, self.kd = float(kp), float(ki), float(kd)
         self.skip_load = float(skip_load)
         self.max_offset = None if max_offset is None else float(max_offset)
+        self.scale_by_margin = bool(scale_by_margin)
         self.process_group = process_group
         self.target_load = None if target_load is None else self._checked_target(torch.as_tensor(target_load))
         # Controller state, [L, E+1] fp32 each; created at the first step.
@@ -139,6 +150,7 @@ class BiasBalancer:
             "target_load": None if self.target_load is None else self.target_load.tolist(),
             "skip_load": self.skip_load,
             "max_offset": self.max_offset,
+            "scale_by_margin": self.scale_by_margin,
         }
 
     def target_for(self, num_classes: int) -> torch.Tensor:
@@ -160,11 +172,13 @@ class BiasBalancer:
         """Apply the loads recorded since the previous step to every layer's `balancing_biases`; returns the loads
         [L, E+1] (fractions; a layer that recorded no token gets zeros and keeps its biases)."""
         routers = zaya_routers(model)
-        counts = _stacked_load_counts(routers, reset=True)  # [L, E+1]
+        counts, margin_sums = _stacked_router_stats(routers, reset=True)  # [L, E+1], [L]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(counts, group=self.process_group)
+            dist.all_reduce(margin_sums, group=self.process_group)
         tokens = counts.sum(dim=-1, keepdim=True)  # [L, 1]
         load = counts.float() / tokens.clamp_min(1)
+        scale = margin_sums[:, None] / tokens.clamp_min(1) if self.scale_by_margin else torch.ones_like(load[:, :1])
         active = tokens > 0  # stays on device: no host sync
         biases = torch.stack([router.balancing_biases for router in routers]).float()
         if self.initial_biases is None:
@@ -178,11 +192,11 @@ class BiasBalancer:
         self._to_device(biases.device)
 
         error = torch.where(active, self.target_for(biases.shape[-1]).to(biases.device) - load, 0.0)
-        self.integral += error
+        self.integral += scale * error
         if self.max_offset is not None and self.ki > 0:
             self.integral.clamp_(-self.max_offset / self.ki, self.max_offset / self.ki)
         derivative = torch.zeros_like(error) if self.previous_error is None else error - self.previous_error
-        offset = self.kp * error + self.ki * self.integral + self.kd * torch.where(active, derivative, 0.0)
+        offset = scale * (self.kp * error + self.kd * torch.where(active, derivative, 0.0)) + self.ki * self.integral
         if self.max_offset is not None:
             offset = offset.clamp(-self.max_offset, self.max_offset)
         new_biases = torch.where(active, self.initial_biases + offset, biases)
