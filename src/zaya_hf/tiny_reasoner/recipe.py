@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..configuration_zaya import ZayaConfig
 from ..modeling_zaya import ZayaForCausalLM
@@ -77,6 +77,19 @@ class TinyReasonerRecipe:
         )
 
 
+class LoadImbalanceLogger(TrainerCallback):
+    """Prints the worst layer's expert load imbalance (max / mean, 1.0 = balanced) whenever Trainer logs."""
+
+    def __init__(self, balancing: BiasBalancingCallback):
+        self.balancing = balancing
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        load = self.balancing.balancer.last_load
+        if load is not None:
+            print(f"step {state.global_step}: expert load imbalance (worst layer) "
+                  f"{expert_load_imbalance(load).max().item():.2f}")
+
+
 def train_tiny_reasoner(
     recipe: TinyReasonerRecipe,
     output_dir: str | os.PathLike,
@@ -127,7 +140,7 @@ def train_tiny_reasoner(
             args=args,
             train_dataset=dataset,
             data_collator=functools.partial(collate_right_padded, pad_token_id=tokenizer.pad_token_id),
-            callbacks=[balancing] if balancing else None,
+            callbacks=[balancing, LoadImbalanceLogger(balancing)] if balancing else None,
         )
         train_output = trainer.train()
     train_seconds = time.perf_counter() - start
@@ -173,4 +186,4 @@ def save_without_remote_code(model: ZayaForCausalLM, output_dir: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["TinyReasonerRecipe", "save_without_remote_code", "train_tiny_reasoner"]
+__all__ = ["LoadImbalanceLogger", "TinyReasonerRecipe", "save_without_remote_code", "train_tiny_reasoner"]
