@@ -5,10 +5,10 @@ tokens are learned (the prompt's labels are -100).
     python examples/pretrain_tiny.py --output-dir tiny-zaya-pretrained        # a base model to adapt
     python examples/finetune_lora.py --model tiny-zaya-pretrained [--max-steps 400] [--targets attention experts router]
 
-Without `--model` it adapts a freshly initialised tiny model (that shows the mechanics, not a useful model). The
-adapter is saved to `--output-dir`, reloaded, merged with `merge_and_unload()` (same logits), and the merged model
-is saved to `<output-dir>/merged`. On a GPU the same script adapts ZAYA1-8B: `--model Zyphra/ZAYA1-8B`
-(downloaded by transformers, not by this package), with a vocabulary of 262k instead of 256.
+Without `--model` it adapts the embedded model (`zaya_hf.default_model_path()`, trained on arithmetic: a new task
+for it). The adapter is saved to `--output-dir`, reloaded, merged with `merge_and_unload()` (same logits), and the
+merged model is saved to `<output-dir>/merged`. On a GPU the same script adapts ZAYA1-8B: `--model Zyphra/ZAYA1-8B`
+(downloaded by transformers, not by this package), with a vocabulary of 262k.
 """
 
 import argparse
@@ -20,8 +20,8 @@ from peft import PeftModel, get_peft_model
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-import zaya_hf  # noqa: F401  (registers model_type "zaya" with the Auto classes)
-from zaya_hf import ZayaConfig, ZayaForCausalLM
+import zaya_hf  # registers model_type "zaya" with the Auto classes
+from zaya_hf import ZayaForCausalLM
 from zaya_hf.training import LORA_PRESETS, lora_config
 
 SEPARATOR = 3  # token between the prompt and the answer; 0-2 are pad / bos / eos
@@ -65,16 +65,8 @@ def pad_right(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, 
 def load_base_model(path: str | None) -> ZayaForCausalLM:
     if path is not None:
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    print("no --model given: adapting a freshly initialised tiny ZAYA")
-    torch.manual_seed(0)
-    return ZayaForCausalLM(
-        ZayaConfig(
-            vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, num_experts=8, moe_intermediate_size=64, router_hidden_size=32,
-            layer_types=["hybrid", "hybrid_sliding"] * 2, sliding_window=16, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2, initializer_range=0.1,
-        )
-    )
+    print("no --model given: adapting the embedded model (zaya_hf.default_model_path())")
+    return AutoModelForCausalLM.from_pretrained(zaya_hf.default_model_path(), dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -87,7 +79,7 @@ def answer_loss(model, collator, rows) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="base checkpoint (folder or Hub id); default: a tiny random one")
+    parser.add_argument("--model", default=None, help="base checkpoint (folder or Hub id); default: the embedded model")
     parser.add_argument("--output-dir", default="tiny-zaya-lora")
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--targets", nargs="+", default=list(LORA_PRESETS), choices=LORA_PRESETS)
