@@ -18,7 +18,7 @@ import torch
 from conftest import left_padded_batch, randomize, tiny_config
 from torch import nn
 
-from zaya_hf import ZayaCache, ZayaConfig, ZayaForCausalLM
+from zaya_hf import ZayaCache, ZayaConfig, ZayaForCausalLM, ZayaStaticCache
 from zaya_hf import kernels_zaya as kz
 from zaya_hf.modeling_zaya import ZayaResidualScaling, ZayaRMSNorm, ZayaRouterMLP, apply_partial_rotary
 
@@ -106,32 +106,41 @@ def test_cca_qk_mix_matches_reference(shape, cached, dtype, launches):
     inputs = cca_inputs(dtype, **CCA_SHAPES[shape])
     if not cached:
         inputs["conv_state"] = None
-    query, key, state = kz.cca_qk_mix(**inputs)
-    ref_query, ref_key, ref_state = kz.cca_qk_mix_reference(**inputs)
+    query, key, window = kz.cca_qk_mix(**inputs)
+    ref_query, ref_key, ref_window = kz.cca_qk_mix_reference(**inputs)
     assert launches["_cca_launch"] == 1
     assert_close(query, ref_query, dtype)
     assert_close(key, ref_key, dtype)
-    assert torch.equal(state, ref_state)
+    assert torch.equal(window, ref_window)  # the cache's conv window: copied columns, exactly
+    assert kz.cca_qk_mix(**inputs, return_window=False)[2] is None
+
+
+def weights_and_steps(inputs: dict, steps: range) -> tuple[dict, list[dict]]:
+    """The conv/temperature arguments, and the per-token slices of the sequence arguments for each step."""
+    weights = {name: inputs[name] for name in ("depthwise", "grouped", "key_temperature")}
+    return weights, [{n: inputs[n][:, t : t + 1] for n in ("query", "key", "cos", "sin")} for t in steps]
 
 
 @pytest.mark.parametrize("shape", list(CCA_SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.no_grad()
-def test_cca_qk_mix_decode_updates_the_conv_state_in_place(shape, dtype, launches):
+def test_cca_qk_mix_decode_steps_from_a_strided_cache_state(shape, dtype, launches):
+    """One token per row (the kernel's block then runs over the batch), reading the conv state as the dynamic
+    cache hands it out: a narrow view of a longer tensor."""
     inputs = cca_inputs(dtype, seq_len=3, **{k: v for k, v in CCA_SHAPES[shape].items() if k != "seq_len"})
-    # The cache may hold a strided view (the torch path stores a slice of the padded columns): keep one here.
-    padded = torch.randn(*inputs["conv_state"].shape[:2], 7, device=DEVICE).to(dtype)
-    state = padded[..., 7 - inputs["conv_state"].shape[-1] :]
+    width = inputs["conv_state"].shape[-1]
+    history = torch.randn(*inputs["conv_state"].shape[:2], 4 + width, device=DEVICE).to(dtype)
+    state = history.narrow(-1, 4, width)
     state.copy_(inputs["conv_state"])
     ref_state = state.clone()
-    for step in range(3):
-        step_inputs = {name: inputs[name][:, step : step + 1] for name in ("query", "key", "cos", "sin")}
-        weights = {name: inputs[name] for name in ("depthwise", "grouped", "key_temperature")}
-        query, key = kz.cca_qk_mix_decode(conv_state=state, **step_inputs, **weights)
-        ref_query, ref_key, ref_state = kz.cca_qk_mix_reference(conv_state=ref_state, **step_inputs, **weights)
+    weights, steps = weights_and_steps(inputs, range(3))
+    for step in steps:
+        query, key, window = kz.cca_qk_mix(conv_state=state, **step, **weights)
+        ref_query, ref_key, ref_window = kz.cca_qk_mix_reference(conv_state=ref_state, **step, **weights)
         assert_close(query, ref_query, dtype)
         assert_close(key, ref_key, dtype)
-        assert torch.equal(state, ref_state)
+        assert torch.equal(window, ref_window)
+        state, ref_state = window[..., 1:], ref_window[..., 1:]  # what the cache keeps: the last W columns
     assert launches["_cca_launch"] == 3
 
 
@@ -139,18 +148,17 @@ def test_cca_qk_mix_decode_updates_the_conv_state_in_place(shape, dtype, launche
 def test_cca_prefill_then_decode_equals_one_prefill(launches):
     inputs = cca_inputs(torch.float32, seq_len=6)
     inputs["conv_state"] = None
-    whole_query, whole_key, whole_state = kz.cca_qk_mix(**inputs)
-    weights = {name: inputs[name] for name in ("depthwise", "grouped", "key_temperature")}
+    whole_query, whole_key, whole_window = kz.cca_qk_mix(**inputs)
+    weights, steps = weights_and_steps(inputs, range(4, 6))
     head = {name: inputs[name][:, :4] for name in ("query", "key", "cos", "sin")}
-    query, key, state = kz.cca_qk_mix(conv_state=None, **head, **weights)
+    query, key, window = kz.cca_qk_mix(conv_state=None, **head, **weights)
     parts = [(query, key)]
-    for step in (4, 5):
-        step_inputs = {name: inputs[name][:, step : step + 1] for name in ("query", "key", "cos", "sin")}
-        query, key, state = kz.cca_qk_mix(conv_state=state, **step_inputs, **weights)
+    for step in steps:
+        query, key, window = kz.cca_qk_mix(conv_state=window[..., -2:], **step, **weights)
         parts.append((query, key))
     torch.testing.assert_close(torch.cat([q for q, _ in parts], 1), whole_query, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat([k for _, k in parts], 1), whole_key, atol=1e-5, rtol=0)
-    assert torch.equal(state, whole_state)
+    assert torch.equal(window[..., -2:], whole_window[..., -2:])
 
 
 # ---------------------------------------------------------------------------------------------- top-1 MoE
@@ -334,8 +342,9 @@ def kernel_model(seed=0, **overrides):
     return randomize(ZayaForCausalLM(config), seed).eval().to(DEVICE)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["ZayaCache", "ZayaStaticCache"])
 @torch.no_grad()
-def test_model_logits_with_triton_equal_torch_through_decode_steps(launches):
+def test_model_logits_with_triton_equal_torch_through_decode_steps(static, launches):
     model = kernel_model()
     ids, mask, _ = left_padded_batch(seed=1, lengths=(6, 4))
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
@@ -343,7 +352,7 @@ def test_model_logits_with_triton_equal_torch_through_decode_steps(launches):
 
     def run(backend):
         model.config.kernel_backend = backend
-        cache = ZayaCache(model.config)
+        cache = ZayaStaticCache(model.config, max_cache_len=16) if static else ZayaCache(model.config)
         logits = [model(ids, attention_mask=mask, cache=cache, use_cache=True).logits]
         step_mask = mask
         for step in range(next_tokens.shape[1]):

@@ -70,7 +70,8 @@ def capture_launches(dtype: torch.dtype) -> list[dict]:
             channels = projection.conv_qk_depthwise.in_channels
             conv_state = torch.zeros(batch, channels, projection.conv_state_size, dtype=dtype)
             convs = (projection.conv_qk_depthwise, projection.conv_qk_grouped, attention.qk_norm.temp, angles, angles)
-            kz._cca_launch(query, key, None if seq_len > 1 else conv_state, *convs, update_state=seq_len == 1)
+            for state, with_cache in ((None, True), (None, False), (conv_state, True)):  # prefill, scoring, chunk
+                kz._cca_launch(query, key, state, *convs, return_window=with_cache)
             choice = torch.zeros(tokens, dtype=torch.long, device="cpu")  # sorting needs values
             experts = layer.mlp.experts
             kz._moe_launch(torch.zeros(tokens, hidden, dtype=dtype), choice, torch.zeros(tokens, dtype=dtype),

@@ -2,9 +2,10 @@
 
 The model calls four fused operations here when `config.kernel_backend` selects Triton (see `use_triton_kernels`):
 
-* `cca_qk_mix` / `cca_qk_mix_decode`: the CCA projection tail. From the pre-conv q/k projections: causal
-  depthwise + grouped conv over time, the q/k residual terms, QK L2 norm with the key temperature and partial
-  NeoX RoPE, in one kernel. The decode variant (one token per row) also shifts the conv state in place.
+* `cca_qk_mix`: the CCA projection tail. From the pre-conv q/k projections: causal depthwise + grouped conv over
+  time, the q/k residual terms, QK L2 norm with the key temperature and partial NeoX RoPE, in one kernel that also
+  writes the conv window `ZayaCache.update_cca_state` folds in. It is specialised for decode (one token per row:
+  the block runs over the batch) and for prefill (the block runs over time).
 * `moe_top1`: tokens sorted by expert, a grouped GEMM with fused SwiGLU, then a grouped GEMM that applies the
   router weight and scatters back; the skip class writes zeros and unused experts get no programs at all.
 * `residual_merge_rmsnorm` / `residual_rmsnorm`: the learned fp32 residual merge and the RMSNorm that follows.
@@ -40,6 +41,7 @@ except ImportError:
     triton = None
     tl = None
 
+
 def is_triton_available() -> bool:
     return triton is not None
 
@@ -64,9 +66,9 @@ def use_triton_kernels(backend: str, tensor: torch.Tensor) -> bool:
 
     "torch" never does; "auto" does on a CUDA/ROCm tensor when triton is installed; "triton" always does, and
     raises if triton is missing or the tensor is on a device Triton cannot run on (CPU works only when testing with
-    `TRITON_INTERPRET=1`).
+    `TRITON_INTERPRET=1`). Under `torch.compile` the torch path is traced either way: Inductor fuses it itself.
     """
-    if backend == "torch":
+    if backend == "torch" or torch.compiler.is_compiling():
         return False
     check_kernel_backend(backend)
     if backend == "auto":
@@ -125,7 +127,7 @@ def cca_qk_mix_reference(
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch reference of `cca_qk_mix` (same arguments and results)."""
+    """Torch reference of `cca_qk_mix` (same arguments and results; the window is always returned)."""
     batch, seq_len, _ = query.shape
     kv_heads = key_temperature.numel()
     head_dim = key.shape[-1] // kv_heads
@@ -138,13 +140,12 @@ def cca_qk_mix_reference(
     columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S]
     if conv_state is None:
         conv_state = columns.new_zeros(batch, columns.shape[1], state_size)
-    columns = torch.cat([conv_state, columns], dim=-1)  # [B, C, W + S]
-    mixed = grouped(depthwise(columns)).transpose(1, 2)  # [B, S, C]
+    window = torch.cat([conv_state, columns], dim=-1)  # [B, C, W + S]
+    mixed = grouped(depthwise(window)).transpose(1, 2)  # [B, S, C]
     query = mixed[..., : heads * head_dim].view(batch, seq_len, heads, head_dim) + query_residual.flatten(2, 3)
     key = mixed[..., heads * head_dim :].view(batch, seq_len, kv_heads, head_dim) + key_residual
     query, key = _l2_normalize(query), _l2_normalize(key) * key_temperature[:, None]
-    new_state = columns[..., columns.shape[-1] - state_size :]
-    return _rotate_partial(query, cos, sin), _rotate_partial(key, cos, sin), new_state
+    return _rotate_partial(query, cos, sin), _rotate_partial(key, cos, sin), window
 
 
 def moe_top1_reference(
@@ -296,15 +297,19 @@ if triton is not None:
     @triton.jit
     def _cca_qk_mix_kernel(
         q_ptr, k_ptr, state_ptr, dw_weight_ptr, dw_bias_ptr, gw_weight_ptr, gw_bias_ptr, temp_ptr, cos_ptr, sin_ptr,
-        out_ptr, seq_len, num_rows, eps, norm_scale,
+        out_ptr, window_ptr, seq_len, num_rows, eps, norm_scale,
         stride_qb, stride_qs, stride_kb, stride_ks, stride_state_b, stride_state_c, stride_state_w,
         stride_cos_b, stride_cos_s, stride_sin_b, stride_sin_s, stride_out_b, stride_out_h, stride_out_s,
+        stride_window_b, stride_window_c,
         NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
         T0: tl.constexpr, T1: tl.constexpr, IS_KEY: tl.constexpr, HAS_STATE: tl.constexpr,
-        UPDATE_STATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        WRITE_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
         BLOCK_PASS: tl.constexpr, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ):
-        """One head (program_id 1) x BLOCK_M tokens (program_id 0, flattened (batch, time)) of Q or K (IS_KEY)."""
+        """One head (program_id 1) x BLOCK_M tokens (program_id 0, flattened (batch, time)) of Q or K (IS_KEY).
+
+        With WRITE_WINDOW it also writes this head's channels of the conv window [B, C, W + S] (the state, or
+        zeros, then the step's pre-conv columns), which is what the cache keeps."""
         STATE_SIZE: tl.constexpr = (T0 - 1) + (T1 - 1)
         HALF: tl.constexpr = ROTARY_DIM // 2
         head = tl.program_id(1)
@@ -388,51 +393,58 @@ if triton is not None:
         pass_mask = row_mask[:, None] & (pass_cols < HEAD_DIM - ROTARY_DIM)[None, :]
         tl.store(out_row + ROTARY_DIM + pass_cols[None, :], x_pass.to(DTYPE), mask=pass_mask)
 
-        if UPDATE_STATE:
-            # Decode (seq_len == 1): shift this head's conv state left by one column and append the new token's
-            # column. Only this program touches these (batch, channel) entries; the barriers order the other
-            # threads' reads of a column before it is overwritten.
-            state_rows = state_ptr + batch[:, None] * stride_state_b + (channel0 + in_cols)[None, :] * stride_state_c
-            state_mask = row_mask[:, None] & in_mask[None, :]
-            tl.debug_barrier()
-            for w in tl.static_range(STATE_SIZE - 1):
-                shifted = tl.load(state_rows + (w + 1) * stride_state_w, mask=state_mask, other=0.0)
-                tl.debug_barrier()
-                tl.store(state_rows + w * stride_state_w, shifted, mask=state_mask)
-            newest = tl.load(src_ptr + batch[:, None] * stride_src_b + in_cols[None, :], mask=state_mask, other=0.0)
-            tl.store(state_rows + (STATE_SIZE - 1) * stride_state_w, newest, mask=state_mask)
+        if WRITE_WINDOW:
+            channels = (channel0 + in_cols)[None, :]
+            window_rows = window_ptr + batch[:, None] * stride_window_b + channels * stride_window_c
+            mask = row_mask[:, None] & in_mask[None, :]
+            current = _conv_input(src_ptr, state_ptr, batch, time, row_mask, in_cols, in_mask, channel0, stride_src_b,
+                                  stride_src_s, stride_state_b, stride_state_c, stride_state_w, STATE_SIZE, False)
+            tl.store(window_rows + (STATE_SIZE + time)[:, None], current.to(DTYPE), mask=mask)
+            first = mask & (time == 0)[:, None]  # each row's first token also writes the W state columns
+            state_rows = state_ptr + batch[:, None] * stride_state_b + channels * stride_state_c
+            for w in tl.static_range(STATE_SIZE):
+                if HAS_STATE:
+                    previous = tl.load(state_rows + w * stride_state_w, mask=first, other=0.0)
+                else:
+                    previous = tl.zeros([BLOCK_M, BLOCK_D], dtype=DTYPE)
+                tl.store(window_rows + w, previous, mask=first)
 
-    def _cca_launch(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin, update_state):
+    def _cca_launch(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin, return_window):
         batch, seq_len, _ = query.shape
         kv_heads = key_temperature.numel()
         head_dim = key.shape[-1] // kv_heads
         heads = query.shape[-1] // head_dim
         rotary_dim = cos.shape[-1]
-        query, key = query.contiguous(), key.contiguous()  # only the feature dim must be contiguous; cheap if it is
+        query, key = query.contiguous(), key.contiguous()  # unit-stride features (a no-op for Linear outputs)
         cos, sin = cos.expand(batch, seq_len, rotary_dim), sin.expand(batch, seq_len, rotary_dim)
         dtype, dot_dtype = _tl_dtypes(query.dtype)
         num_rows = batch * seq_len
         block_m = 16 if num_rows <= 16 or _INTERPRET else 64
         state = conv_state if conv_state is not None else query  # a dummy pointer when HAS_STATE is False
         state_strides = conv_state.stride() if conv_state is not None else (0, 0, 0)
+        state_size = (depthwise.kernel_size[0] - 1) + (grouped.kernel_size[0] - 1)
+        channels = query.shape[-1] + key.shape[-1]
+        # [B, C, W + S], time contiguous; a dummy pointer when WRITE_WINDOW is False
+        window = query.new_empty(batch, channels, state_size + seq_len) if return_window else query
         outputs = []
         for is_key, num in ((False, heads), (True, kv_heads)):
             out = query.new_empty(batch, num, seq_len, head_dim)  # [B, heads, S, D]: the layout attention wants
             _cca_qk_mix_kernel[(triton.cdiv(num_rows, block_m), num)](
                 query, key, state, depthwise.weight, depthwise.bias, grouped.weight, grouped.bias, key_temperature,
-                cos, sin, out, seq_len, num_rows, torch.finfo(query.dtype).eps, math.sqrt(head_dim),
+                cos, sin, out, window, seq_len, num_rows, torch.finfo(query.dtype).eps, math.sqrt(head_dim),
                 query.stride(0), query.stride(1), key.stride(0), key.stride(1), *state_strides,
                 cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                channels * (state_size + seq_len), state_size + seq_len,
                 NUM_Q_HEADS=heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
                 T0=depthwise.kernel_size[0], T1=grouped.kernel_size[0], IS_KEY=is_key,
-                HAS_STATE=conv_state is not None, UPDATE_STATE=update_state, BLOCK_M=block_m,
+                HAS_STATE=conv_state is not None, WRITE_WINDOW=return_window, BLOCK_M=block_m,
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 BLOCK_HALF=max(16, triton.next_power_of_2(rotary_dim // 2)),
                 BLOCK_PASS=max(16, triton.next_power_of_2(max(head_dim - rotary_dim, 1))),
                 DTYPE=dtype, DOT_DTYPE=dot_dtype, num_warps=4,
             )
             outputs.append(out.transpose(1, 2))  # [B, S, heads, D] view
-        return outputs
+        return outputs[0], outputs[1], window if return_window else None
 
     # ---------------------------------------------------------------- top-1 MoE
 
@@ -843,65 +855,29 @@ def cca_qk_mix(
     key_temperature: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused CCA projection tail (prefill, or any step).
+    return_window: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fused CCA projection tail, for prefill and decode steps alike.
 
     Args:
         query, key: the pre-conv projections `q_proj(h)` [B, S, H*D] and `k_proj(h)` [B, S, K*D].
-        conv_state: the last (t0-1)+(t1-1) pre-conv columns [B, (H+K)*D, W] from the cache, or None (zeros).
+        conv_state: the last W = (t0-1)+(t1-1) pre-conv columns [B, (H+K)*D, W] from the cache (any strides), or
+            None (zeros, before the first token).
         depthwise, grouped: the `conv_qk_depthwise` / `conv_qk_grouped` Conv1d modules.
         key_temperature: the QK-norm temperature per kv head [K].
-        cos, sin: RoPE tables [B, S, R] (R = rotary dims, the first R of each head).
+        cos, sin: RoPE tables [B or 1, S, R] (R = rotary dims, the first R of each head).
+        return_window: also return the conv window for `ZayaCache.update_cca_state`.
 
     Returns:
-        `(query [B, S, H, D], key [B, S, K, D], new conv state [B, (H+K)*D, W])`: q/k after the convs, the residual
-        terms, QK norm and partial RoPE. A single-token step with a conv state takes the in-place decode kernel.
+        `(query [B, S, H, D], key [B, S, K, D], window [B, (H+K)*D, W + S] or None)`: q/k after the convs, the
+        residual terms, QK norm and partial RoPE; the window is the conv state (zeros without one) followed by the
+        step's pre-conv q/k columns.
     """
-    if conv_state is not None and query.shape[1] == 1:
-        query, key = cca_qk_mix_decode(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin)
-        return query, key, conv_state
     tensors = (query, key, conv_state, depthwise.weight, grouped.weight, key_temperature, cos, sin)
     if not _can_run_forward_kernel(*tensors):
-        return cca_qk_mix_reference(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin)
-    query_out, key_out = _cca_launch(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin, False)
-    return query_out, key_out, _next_conv_state(query, key, conv_state, depthwise, grouped)
-
-
-def _next_conv_state(query, key, conv_state, depthwise, grouped) -> torch.Tensor:
-    """The last W pre-conv columns after this step [B, (H+K)*D, W] (W = (t0-1)+(t1-1))."""
-    state_size = (depthwise.kernel_size[0] - 1) + (grouped.kernel_size[0] - 1)
-    batch, seq_len, _ = query.shape
-    kept = min(seq_len, state_size)
-    latest = torch.cat([query[:, seq_len - kept :], key[:, seq_len - kept :]], dim=-1).transpose(1, 2)  # [B, C, kept]
-    if seq_len >= state_size:
-        return latest.contiguous()
-    if conv_state is None:
-        conv_state = latest.new_zeros(batch, latest.shape[1], state_size)
-    return torch.cat([conv_state[..., seq_len:], latest], dim=-1)
-
-
-def cca_qk_mix_decode(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    conv_state: torch.Tensor,
-    depthwise: nn.Conv1d,
-    grouped: nn.Conv1d,
-    key_temperature: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`cca_qk_mix` for one token per row ([B, 1, ...] inputs) that updates `conv_state` **in place** (shifted left
-    by one column, the new q/k column appended). Returns `(query [B, 1, H, D], key [B, 1, K, D])`."""
-    if query.shape[1] != 1:
-        raise ValueError(f"cca_qk_mix_decode takes one token per row, got {query.shape[1]}.")
-    tensors = (query, key, conv_state, depthwise.weight, grouped.weight, key_temperature, cos, sin)
-    if conv_state.shape[-1] == 0 or not _can_run_forward_kernel(*tensors):
-        query, key, new_state = cca_qk_mix_reference(
-            query, key, conv_state, depthwise, grouped, key_temperature, cos, sin
-        )
-        conv_state.copy_(new_state)
-        return query, key
-    return tuple(_cca_launch(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin, True))
+        query, key, window = cca_qk_mix_reference(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin)
+        return query, key, window if return_window else None
+    return _cca_launch(query, key, conv_state, depthwise, grouped, key_temperature, cos, sin, return_window)
 
 
 def moe_top1(
@@ -975,7 +951,6 @@ def residual_rmsnorm(residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 
 __all__ = [
     "cca_qk_mix",
-    "cca_qk_mix_decode",
     "cca_qk_mix_reference",
     "check_kernel_backend",
     "is_triton_available",

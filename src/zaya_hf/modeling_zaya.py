@@ -171,7 +171,8 @@ class CCAProjection(nn.Module):
         B, S, K, G, D = batch, seq_len, self.num_kv_heads, self.num_key_value_groups, self.head_dim
         if qk_tail is not None:  # kernels_zaya: conv, residual terms, QK norm and RoPE in one kernel
             query, key, qk_window = cca_qk_mix(
-                query, key, conv_state, self.conv_qk_depthwise, self.conv_qk_grouped, *qk_tail, cache is not None
+                query, key, conv_state, self.conv_qk_depthwise, self.conv_qk_grouped, *qk_tail,
+                return_window=cache is not None,
             )
         else:
             query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
