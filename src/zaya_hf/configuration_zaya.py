@@ -27,10 +27,11 @@ class ZayaConfig(PreTrainedConfig):
     router_aux_loss_coef (`float`, defaults to 0.0):
         Weight of the optional Switch-style load-balancing loss added when `output_router_logits=True`.
         ZAYA balances experts with the bias controller instead, so it is off by default.
-    kernel_backend (`str`, defaults to `"auto"`):
+    kernel_backend (`str`, defaults to `"torch"`):
         `"auto"` runs the fused Triton kernels of `kernels_zaya.py` on CUDA/ROCm tensors when triton is installed
         and the torch path otherwise; `"torch"` always runs the torch path; `"triton"` requires the kernels.
-        Other loaders of the checkpoint ignore this field.
+        The default stays `"torch"` until the kernels have been validated on GPU hardware (they have only run in
+        Triton's CPU interpreter so far). Other loaders of the checkpoint ignore this field.
 
     ```python
     >>> from zaya_hf import ZayaConfig, ZayaForCausalLM
@@ -70,7 +71,7 @@ class ZayaConfig(PreTrainedConfig):
     router_hidden_size: int = 256
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.0
-    kernel_backend: str = "auto"
+    kernel_backend: str = "torch"
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 106
