@@ -8,6 +8,7 @@ Both models get the same random weights ("bench-small" by default) and run alter
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -102,7 +103,8 @@ def main() -> None:
     ours, reference = build_models(device, dtype, args.seed)
     vocab = ours.config.vocab_size
 
-    result = {"config": "bench-small", "device": str(device), "dtype": args.dtype, "repeats": args.repeats}
+    result = {"config": "bench-small", "device": str(device), "dtype": args.dtype, "repeats": args.repeats,
+              "torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0]}
     identical = True
     for batch in (1, 16):
         prompt = torch.randint(1, vocab, (batch, args.prompt_tokens), device=device)
@@ -133,6 +135,7 @@ def main() -> None:
     result[f"prefill_ratio_{args.prefill_tokens}"] = round(times["transformers"] / times["zaya_hf"], 2)
     result["greedy_tokens_identical"] = identical
 
+    result["load_average_1min_at_end"] = os.getloadavg()[0]  # other processes on the CPU skew both sides
     result.update(measure_cache_bytes(ours, device))
     print(json.dumps(result))
 
