@@ -104,13 +104,6 @@ def test_foreign_cache_is_refused(model):
         model(torch.randint(3, 101, (1, 4)), cache=DynamicCache(config=model.config), use_cache=True)
 
 
-def test_crop_is_refused_rather_than_silently_wrong(model):
-    cache = ZayaCache(model.config)
-    model(torch.randint(3, 101, (1, 4)), cache=cache, use_cache=True)
-    with pytest.raises(NotImplementedError, match="cannot be cropped"):
-        cache.crop(-1)
-
-
 def test_generate_uses_zaya_cache(model):
     out = model.generate(torch.randint(3, 101, (2, 4)), max_new_tokens=3, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=0)

@@ -44,12 +44,3 @@ def test_bf16_greedy_generation_matches_reference():
     ids, mask, _ = left_padded_batch(seed=13)
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(ids, **kwargs), reference.generate(ids, **kwargs))
-
-
-def test_assisted_decoding_is_refused_clearly(pair):
-    ours, _ = pair
-    import pytest
-
-    with pytest.raises(ValueError, match="stateful"):
-        ours.generate(torch.randint(3, 101, (1, 6)), prompt_lookup_num_tokens=3, max_new_tokens=4, do_sample=False,
-                      pad_token_id=0)

@@ -1,5 +1,6 @@
 """Trainer on a tiny ZAYA: learning, num_items_in_batch under gradient accumulation, router load statistics."""
 
+import pytest
 import torch
 from conftest import left_padded_batch, make_pair
 from training_helpers import StrideCorpus, mean_loss, tiny_model, training_args
@@ -113,3 +114,22 @@ def test_aux_loss_leaves_padding_out():
     torch.testing.assert_close(padded.aux_loss, expected)
     unmasked = load_balancing_loss(padded.router_logits, model.config.num_experts)
     assert not torch.allclose(unmasked, expected)  # the padding really would have changed it
+
+
+def test_router_loads_are_the_same_with_the_triton_kernels():
+    pytest.importorskip("triton")
+    model, _ = make_pair()
+    model.train()
+    ids, mask, _ = left_padded_batch()
+
+    def recorded(backend):
+        model.config.kernel_backend = backend
+        with torch.no_grad():  # forward only: the fused router kernel runs (in the interpreter on CPU)
+            model(ids, attention_mask=mask)
+        margins = torch.stack([router.margin_sum for router in zaya_routers(model)])
+        return collect_router_loads(model), margins
+
+    torch_counts, torch_margins = recorded("torch")
+    triton_counts, triton_margins = recorded("triton")
+    assert torch.equal(triton_counts, torch_counts)
+    torch.testing.assert_close(triton_margins, torch_margins, atol=1e-5, rtol=1e-4)

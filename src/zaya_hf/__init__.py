@@ -6,7 +6,8 @@ Importing the package registers `ZayaConfig`, `ZayaModel` and `ZayaForCausalLM` 
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_zaya import ZayaCache
+from .cache_zaya import ZayaCache, ZayaStaticCache, predict_cache_nbytes
+from .checkpoints import export_for_hub
 from .configuration_zaya import ZayaConfig
 from .modeling_zaya import MismatchedWeightsError, MissingWeightsError, ZayaForCausalLM, ZayaModel, ZayaPreTrainedModel
 
@@ -14,10 +15,15 @@ __version__ = "0.1.0"
 
 
 def register_auto_classes() -> None:
-    """Register the package classes with the Auto classes. Idempotent: safe to call any number of times."""
+    """Register the package classes with the Auto classes, and for the Auto classes of saved folders: every
+    `save_pretrained` / `push_to_hub` ships the flat modeling files and an `auto_map`, so the folder also loads
+    with `trust_remote_code=True` where zaya_hf is not installed. Idempotent: safe to call any number of times."""
     AutoConfig.register("zaya", ZayaConfig, exist_ok=True)
     AutoModel.register(ZayaConfig, ZayaModel, exist_ok=True)
     AutoModelForCausalLM.register(ZayaConfig, ZayaForCausalLM, exist_ok=True)
+    ZayaConfig.register_for_auto_class("AutoConfig")
+    ZayaModel.register_for_auto_class("AutoModel")
+    ZayaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 register_auto_classes()
@@ -30,5 +36,8 @@ __all__ = [
     "ZayaForCausalLM",
     "ZayaModel",
     "ZayaPreTrainedModel",
+    "ZayaStaticCache",
+    "export_for_hub",
+    "predict_cache_nbytes",
     "register_auto_classes",
 ]

@@ -19,8 +19,18 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .cache_zaya import ZayaCache
+from .cache_zaya import ZayaCache, ZayaStaticCache
 from .configuration_zaya import ZayaConfig
+from .generation_zaya import ZayaGenerationMixin
+from .kernels_zaya import (
+    cca_qk_mix,
+    check_kernel_backend,
+    moe_top1,
+    residual_merge_rmsnorm,
+    residual_rmsnorm,
+    router_top1,
+    use_triton_kernels,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -145,7 +155,9 @@ class CCAProjection(nn.Module):
         hidden_states: torch.Tensor,
         cache: ZayaCache | None = None,
         padding_mask: torch.Tensor | None = None,
+        qk_tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`qk_tail=(key_temperature, cos, sin)` makes the Triton kernel also apply QK norm and RoPE to q/k."""
         batch, seq_len, _ = hidden_states.shape
         if padding_mask is not None:
             # Zeroed padding makes left padding exactly equivalent to no padding for the conv and delayed value.
@@ -157,29 +169,54 @@ class CCAProjection(nn.Module):
 
         # Residual terms: q_res[h] = (q[h] + k[h // G]) / 2, k_res[j] = mean of q_res over the G heads of group j.
         B, S, K, G, D = batch, seq_len, self.num_kv_heads, self.num_key_value_groups, self.head_dim
-        query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
-        key_residual = query_residual.mean(dim=-2)  # [B, S, K, D]
-        query_residual = query_residual.view(B, S, K * G, D)
-
-        qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
-        if conv_state is None:
-            qk_columns = F.pad(qk_columns, (self.conv_state_size, 0))
+        if qk_tail is not None:  # kernels_zaya: conv, residual terms, QK norm and RoPE in one kernel
+            query, key, qk_window = cca_qk_mix(
+                query, key, conv_state, self.conv_qk_depthwise, self.conv_qk_grouped, *qk_tail,
+                return_window=cache is not None,
+            )
         else:
-            qk_columns = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
-        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_columns)).transpose(1, 2)  # [B, S, C]
-        query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual
-        key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
+            query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
+            key_residual = query_residual.mean(dim=-2)  # [B, S, K, D]
+            query_residual = query_residual.view(B, S, K * G, D)
+
+            qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
+            if conv_state is None:
+                qk_window = F.pad(qk_columns, (self.conv_state_size, 0))
+            else:
+                qk_window = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
+            if seq_len == 1:
+                mixed = self.conv_last_column(qk_window)  # [B, 1, C]
+            else:
+                mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_window)).transpose(1, 2)  # [B, S, C]
+            query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual
+            key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
 
         value_current = self.v_proj_current(hidden_states)  # [B, S, K*D/2]
         value_delayed = self.v_proj_delayed(hidden_states)  # [B, S, K*D/2]
         if value_state is None:  # the first token's delayed value is the projection of a zero token
             value_state = self.v_proj_delayed(hidden_states.new_zeros(batch, self.v_proj_delayed.in_features))
-        value_previous = torch.cat([value_state[:, None], value_delayed[:, :-1]], dim=1)
-        value = torch.cat([value_current, value_previous], dim=-1).view(B, S, K, D)
+        value_window = torch.cat([value_state[:, None], value_delayed], dim=1)  # [B, 1 + S, K*D/2]
+        value = torch.cat([value_current, value_window[:, :-1]], dim=-1).view(B, S, K, D)
 
         if cache is not None:
-            cache.update_cca_state(self.layer_idx, qk_columns[..., qk_columns.shape[-1] - self.conv_state_size :], value_delayed[:, -1])
+            cache.update_cca_state(self.layer_idx, qk_window, value_window)
         return query, key, value
+
+
+    def conv_last_column(self, qk_window: torch.Tensor) -> torch.Tensor:
+        """Both causal convs at the newest position only, as a state update: `[B, C, W + 1] -> [B, 1, C]`.
+
+        The decode step needs one output column; re-running `conv1d` over the window costs several times more.
+        """
+        depthwise, grouped = self.conv_qk_depthwise, self.conv_qk_grouped
+        groups, batch = grouped.groups, qk_window.shape[0]
+        # Depthwise outputs at the last t1 positions: [B, C, t1, t0] windows * [C, 1, t0] taps -> [B, C, t1].
+        mixed = (qk_window.unfold(-1, depthwise.kernel_size[0], 1) * depthwise.weight).sum(-1) + depthwise.bias[:, None]
+        # Grouped conv at the last position, one matmul per group: [G, B, (C/G)*t1] @ [G, (C/G)*t1, C/G].
+        mixed = mixed.reshape(batch, groups, -1).transpose(0, 1)
+        weight = grouped.weight.view(groups, grouped.out_channels // groups, -1).transpose(1, 2)
+        out = torch.baddbmm(grouped.bias.view(groups, 1, -1), mixed, weight)  # [G, B, C/G]
+        return out.transpose(0, 1).reshape(batch, 1, -1)
 
 
 class ZayaQKNorm(nn.Module):
@@ -224,11 +261,15 @@ class ZayaAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        query, key, value = self.qkv_proj(hidden_states, cache, padding_mask)
-        query, key = self.qk_norm(query, key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
         cos, sin = position_embeddings
-        query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+        if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: QK norm + RoPE fused
+            query, key, value = self.qkv_proj(hidden_states, cache, padding_mask, qk_tail=(self.qk_norm.temp, cos, sin))
+            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
+        else:
+            query, key, value = self.qkv_proj(hidden_states, cache, padding_mask)
+            query, key = self.qk_norm(query, key)
+            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
+            query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -291,6 +332,7 @@ class ZayaRouter(nn.Module):
 
     def __init__(self, config: ZayaConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.num_experts = config.num_experts
         self.down_proj = nn.Linear(config.hidden_size, config.router_hidden_size)
         self.carries_state = layer_idx > 0
@@ -341,6 +383,16 @@ class ZayaRouter(nn.Module):
         """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`.
         In training mode the choices of the tokens that `padding_mask` [B, S] keeps are counted for the balancer."""
         router_hidden = self.down_proj(hidden_states)  # [B, S, r]
+        if use_triton_kernels(self.config.kernel_backend, router_hidden):  # kernels_zaya: fused router MLP + top-1
+            carried = router_state if self.carries_state else None
+            scale = self.router_states_scale if self.carries_state else None
+            logits, weight, choice, router_hidden = router_top1(
+                router_hidden, carried, scale, self.router_mlp, self.balancing_biases
+            )
+            if self.training:
+                biased_probs = torch.softmax(logits.detach(), dim=-1).float() + self.balancing_biases
+                self.record_load(choice, biased_probs, padding_mask)
+            return logits, weight, choice, router_hidden
         if self.carries_state and router_state is not None:
             router_hidden = router_hidden + router_state * self.router_states_scale
         logits = self.router_mlp(router_hidden)
@@ -360,6 +412,7 @@ class ZayaExperts(nn.Module):
 
     def __init__(self, config: ZayaConfig):
         super().__init__()
+        self.config = config
         self.num_experts = config.num_experts
         self.intermediate_size = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size, config.hidden_size))
@@ -368,6 +421,14 @@ class ZayaExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`hidden_states` [N, d], `choice` [N] in 0..E (E = skip), `weight` [N] -> [N, d]; skipped rows are 0."""
+        if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: sorted grouped GEMMs
+            return moe_top1(hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act)
+        if torch.compiler.is_compiling() or (hidden_states.device.type != "cpu" and choice.numel() <= 4):
+            return self.forward_gathered(hidden_states, choice, weight)
+        return self.forward_grouped(hidden_states, choice, weight)
+
+    def forward_grouped(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert, one GEMM pair per used expert. Syncs once for the group sizes (free on CPU)."""
         output = torch.zeros_like(hidden_states)
         order = torch.argsort(choice, stable=True)  # tokens grouped by expert, in token order within a group
         counts = torch.bincount(choice, minlength=self.num_experts + 1)[: self.num_experts].tolist()
@@ -381,6 +442,15 @@ class ZayaExperts(nn.Module):
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
             output[rows] = (expert_out * weight[rows, None]).to(output.dtype)
         return output
+
+    def forward_gathered(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each token multiplies its own expert's weights, gathered: no host sync and static shapes (compilable);
+        cheapest for a handful of tokens on an accelerator."""
+        is_expert = choice < self.num_experts
+        expert = choice.clamp(max=self.num_experts - 1)  # a skipped token computes any expert; its weight is 0
+        gate, up = torch.bmm(self.gate_up_proj[expert], hidden_states[:, :, None]).squeeze(-1).chunk(2, dim=-1)
+        expert_out = torch.bmm(self.down_proj[expert], (self.act_fn(gate) * up)[:, :, None]).squeeze(-1)  # [N, d]
+        return (expert_out * (weight * is_expert)[:, None]).to(hidden_states.dtype)
 
 
 class ZayaSparseMoeBlock(nn.Module):
@@ -407,6 +477,7 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: ZayaConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.self_attn = ZayaAttention(config, layer_idx)
         self.mlp = ZayaSparseMoeBlock(config, layer_idx)
         self.input_layernorm = ZayaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -426,19 +497,31 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`residual` is the fp32 stream; returns `(residual, router_state, router_logits, attn_weights)`."""
         model_dtype = self.input_layernorm.weight.dtype
+        fused = use_triton_kernels(self.config.kernel_backend, residual)  # kernels_zaya: residual merge + norm fused
+        if fused:
+            hidden_states = residual_rmsnorm(residual, self.input_layernorm)
+        else:
+            hidden_states = self.input_layernorm(residual.to(model_dtype))
         hidden_states, attn_weights = self.self_attn(
-            self.input_layernorm(residual.to(model_dtype)),
+            hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             padding_mask=padding_mask,
             cache=cache,
             **kwargs,
         )
-        residual = self.post_attention_residual_scale(hidden_states, residual)
-        hidden_states, router_logits, router_state = self.mlp(
-            self.post_attention_layernorm(residual.to(model_dtype)), router_state, padding_mask
-        )
-        residual = self.post_mlp_residual_scale(hidden_states, residual)
+        if fused:
+            residual, hidden_states = residual_merge_rmsnorm(
+                hidden_states, residual, self.post_attention_residual_scale, self.post_attention_layernorm
+            )
+        else:
+            residual = self.post_attention_residual_scale(hidden_states, residual)
+            hidden_states = self.post_attention_layernorm(residual.to(model_dtype))
+        hidden_states, router_logits, router_state = self.mlp(hidden_states, router_state, padding_mask)
+        if fused:
+            residual, _ = residual_merge_rmsnorm(hidden_states, residual, self.post_mlp_residual_scale)
+        else:
+            residual = self.post_mlp_residual_scale(hidden_states, residual)
         return residual, router_state, router_logits, attn_weights
 
 
@@ -486,6 +569,14 @@ class MismatchedWeightsError(ValueError):
     """A checkpoint tensor has a different shape than the model's (usually a config that does not fit the weights)."""
 
 
+# The Auto classes a saved folder answers to when this code travels with it (trust_remote_code).
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_zaya.ZayaConfig",
+    "AutoModel": "modeling_zaya.ZayaModel",
+    "AutoModelForCausalLM": "modeling_zaya.ZayaForCausalLM",
+}
+
+
 def _preview(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
@@ -501,6 +592,7 @@ class ZayaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # with a ZayaStaticCache
     _keep_in_fp32_modules_strict = ["balancing_biases"]
 
     @classmethod
@@ -530,6 +622,14 @@ class ZayaPreTrainedModel(PreTrainedModel):
                 + ". Refusing to initialise them randomly (allow_missing_weights=True to do so on purpose)."
             )
         return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (and so `push_to_hub`). When the code travels with the checkpoint
+        (`register_for_auto_class`), `auto_map` names all of AutoConfig, AutoModel and AutoModelForCausalLM, not
+        only the class being saved."""
+        if self.is_remote_code():
+            self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -561,6 +661,7 @@ class ZayaModel(ZayaPreTrainedModel):
 
     def __init__(self, config: ZayaConfig):
         super().__init__(config)
+        check_kernel_backend(config.kernel_backend)  # "triton" without triton fails here, not at the first forward
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
@@ -677,12 +778,10 @@ def load_balancing_loss(
     return num_experts * (fraction_routed * mean_probs).sum()
 
 
-class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
+class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin):
     """ZAYA1 language model (tied embedding head). `generate()` runs on a `ZayaCache`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    # generate() may not roll the CCA state back, so assisted decoding must be refused.
-    _is_stateful = True
 
     def __init__(self, config: ZayaConfig):
         super().__init__(config)
@@ -765,12 +864,22 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
-        if generation_config.cache_implementation not in (None, "dynamic"):
+        implementation = generation_config.cache_implementation
+        if implementation in (None, "dynamic"):
+            model_kwargs["cache"] = ZayaCache(self.config)
+        elif implementation == "static":
+            # Reuse the longest length seen so far, so that a compiled decode step is not recompiled.
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
+            max_cache_length = max(max_cache_length, getattr(self, "_previous_max_cache_length", 0))
+            self._previous_max_cache_length = max_cache_length
+            model_kwargs["cache"] = ZayaStaticCache(self.config, max_cache_len=max_cache_length)
+        else:
             raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by ZAYA; "
-                "use the default (a ZayaCache)."
+                f"cache_implementation={implementation!r} is not supported by ZAYA; use 'dynamic' (the default "
+                "ZayaCache) or 'static' (ZayaStaticCache, for torch.compile)."
             )
-        model_kwargs["cache"] = ZayaCache(self.config)
+        if generation_config.is_assistant:
+            model_kwargs["cache"].activate_past_recording()
 
 
 __all__ = ["MismatchedWeightsError", "MissingWeightsError", "ZayaPreTrainedModel", "ZayaModel", "ZayaForCausalLM"]

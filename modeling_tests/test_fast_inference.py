@@ -1,0 +1,135 @@
+"""Issue 3: croppable and static caches, the decode fast path, compiled decoding, speculative decoding."""
+
+import pytest
+import torch
+from conftest import left_padded_batch, make_pair, tiny_config
+
+from zaya_hf import ZayaCache, ZayaForCausalLM, ZayaStaticCache, predict_cache_nbytes
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_pair(tiny_config(cca_time0=3, cca_time1=2), seed=21)[0]
+
+
+@torch.no_grad()
+def test_crop_rolls_every_state_back_exactly(model):
+    ids = torch.randint(3, 101, (2, 16))
+    cache = ZayaCache(model.config)
+    model(ids[:, :8], cache=cache, use_cache=True)
+    cache.activate_past_recording()
+    model(ids[:, 8:12], cache=cache, use_cache=True)  # a 4-token draft...
+    model(ids[:, 12:13], cache=cache, use_cache=True)  # ...and one more step
+    cache.crop(-3)  # keep 8 + 2 tokens
+    assert cache.get_seq_length() == 10
+    continued = model(ids[:, 10:16], cache=cache, use_cache=True).logits
+    assert (continued - model(ids).logits[:, 10:]).abs().max().item() <= 1e-5
+    with pytest.raises(RuntimeError, match="only 6 were recorded"):
+        cache.crop(-7)
+
+
+def test_crop_without_recording_fails_clearly(model):
+    cache = ZayaCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(3, 101, (1, 5)), cache=cache, use_cache=True)
+    with pytest.raises(RuntimeError, match="activate_past_recording"):
+        cache.crop(-1)
+
+
+@torch.no_grad()
+def test_decode_conv_state_update_equals_the_convolution(model):
+    projection = model.model.layers[0].self_attn.qkv_proj
+    window = torch.randn(3, projection.conv_qk_depthwise.in_channels, projection.conv_state_size + 1)
+    full = projection.conv_qk_grouped(projection.conv_qk_depthwise(window)).transpose(1, 2)
+    assert (projection.conv_last_column(window) - full).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_gathered_expert_dispatch_equals_grouped(model):
+    experts = model.model.layers[1].mlp.experts
+    hidden = torch.randn(7, model.config.hidden_size)
+    choice = torch.tensor([0, 4, 2, 2, 4, 1, 0])  # 4 = the skip class
+    weight = torch.rand(7)
+    gathered = experts.forward_gathered(hidden, choice, weight)
+    assert (gathered - experts.forward_grouped(hidden, choice, weight)).abs().max().item() <= 1e-6
+    assert torch.count_nonzero(gathered[[1, 4]]) == 0
+
+
+@torch.no_grad()
+def test_static_cache_generation_equals_dynamic(model):
+    ids, mask, _ = left_padded_batch(seed=22)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert isinstance(out.cache, ZayaStaticCache)
+    assert torch.equal(out.sequences, dynamic)
+
+
+@torch.no_grad()
+def test_static_cache_forward_equals_dynamic_logits(model):
+    ids = torch.randint(3, 101, (2, 12))
+    static, dynamic = ZayaStaticCache(model.config, max_cache_len=16), ZayaCache(model.config)
+    for a, b in ((0, 7), (7, 8), (8, 9), (9, 12)):
+        ls = model(ids[:, a:b], cache=static, use_cache=True).logits
+        ld = model(ids[:, a:b], cache=dynamic, use_cache=True).logits
+        assert (ls - ld).abs().max().item() <= 1e-5
+    static.reset()
+    assert static.get_cca_state(0) == (None, None)
+    again = model(ids[:, :7], cache=static, use_cache=True).logits
+    assert (again - model(ids[:, :7]).logits).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_compiled_decode_step_equals_eager(model):
+    ids = torch.randint(3, 101, (2, 9))
+    eager_cache, compiled_cache = ZayaStaticCache(model.config, 16), ZayaStaticCache(model.config, 16)
+    model(ids[:, :6], cache=eager_cache, use_cache=True)
+    model(ids[:, :6], cache=compiled_cache, use_cache=True)
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    for t in range(6, 9):
+        step = ids[:, t : t + 1]
+        eager = model(step, cache=eager_cache, use_cache=True).logits
+        assert (compiled(step, cache=compiled_cache, use_cache=True).logits - eager).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1])
+def test_prompt_lookup_decoding_equals_greedy(model, batch):
+    pattern = torch.randint(3, 101, (batch, 6))
+    ids = torch.cat([pattern, pattern, pattern[:, :3]], dim=1)  # repetitive, so that lookups get accepted
+    greedy = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    lookup = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=4)
+    assert torch.equal(lookup, greedy)
+
+
+@torch.no_grad()
+def test_assistant_model_decoding_equals_greedy(model):
+    assistant = make_pair(tiny_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"]), seed=23)[0]
+    ids = torch.randint(3, 101, (1, 10))
+    greedy = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assisted = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, assistant_model=assistant)
+    # The model itself as its own draft accepts every candidate: exercises multi-token verification and crop(0).
+    self_assisted = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, assistant_model=model)
+    assert torch.equal(assisted, greedy)
+    assert torch.equal(self_assisted, greedy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_cache_nbytes_matches_prediction(dtype):
+    config = tiny_config()
+    model = ZayaForCausalLM(config).to(dtype).eval()
+    for batch, length in ((1, 3), (2, 13)):
+        cache = ZayaCache(config)
+        model(torch.randint(3, 101, (batch, length)), cache=cache, use_cache=True)
+        assert cache.nbytes == predict_cache_nbytes(config, batch, length, dtype)
+
+
+def test_kv_bytes_per_token_of_zaya1_8b():
+    from zaya_hf import ZayaConfig
+
+    config = ZayaConfig()  # ZAYA1-8B sizes
+    per_token = predict_cache_nbytes(config, 1, 2, torch.bfloat16) - predict_cache_nbytes(config, 1, 1, torch.bfloat16)
+    assert per_token == config.num_hidden_layers * 1024  # 2 x 2 kv heads x 128 x 2 bytes per layer
+    fixed_per_layer = (predict_cache_nbytes(config, 1, 1, torch.bfloat16) - per_token) // config.num_hidden_layers
+    assert fixed_per_layer == 5376

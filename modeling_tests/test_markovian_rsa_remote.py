@@ -1,0 +1,251 @@
+"""Markovian RSA against a real OpenAI-compatible HTTP server on 127.0.0.1, started by the tests in a thread."""
+
+import json
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from rsa_fixtures import QUESTION, make_tokenizer, tiny_rsa_model
+
+from zaya_hf.generation_zaya import MarkovianRSAConfig
+from zaya_hf.serving import (
+    EndpointError,
+    MalformedResponseError,
+    MarkovianRSAConfig as ServingConfig,
+    OpenAICompletionsEngine,
+    run_markovian_rsa,
+)
+
+GREEDY = {"do_sample": False}
+
+
+class OpenAIHandler(BaseHTTPRequestHandler):
+    """Routes POST /v1/completions and GET /v1/models to the server's `respond(path, body)`, which returns
+    `(status, payload, headers)`, or None to drop the connection without answering."""
+
+    def do_GET(self):
+        self._answer(self.server.respond(self.path, None))
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._answer(self.server.respond(self.path, body))
+
+    def _answer(self, reply):
+        if reply is None:
+            self.close_connection = True
+            return
+        status, payload, headers = reply
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serve(respond):
+    """A threaded HTTP server on a free loopback port; yields its base URL, stops on exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OpenAIHandler)
+    server.respond = respond
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class ModelServer:
+    """An OpenAI completions endpoint backed by the tiny model: greedy, one prompt at a time, stops at EOS."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.lock = threading.Lock()
+        self.bodies = []
+
+    def completion(self, body) -> dict:
+        prompt = body["prompt"]
+        eos = self.tokenizer.eos_token_id
+        with self.lock, torch.no_grad():
+            out = self.model.generate(torch.tensor([prompt]), max_new_tokens=body["max_tokens"], do_sample=False,
+                                      eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
+        new = out[0, len(prompt):].tolist()
+        stopped = eos in new
+        new = new[: new.index(eos) + 1] if stopped else new
+        text = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=body["skip_special_tokens"])
+        return {"id": "cmpl-test", "object": "text_completion", "model": body["model"],
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop" if stopped else "length"}],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(new),
+                          "total_tokens": len(prompt) + len(new)}}
+
+    def __call__(self, path, body):
+        if path == "/v1/models":
+            return 200, {"object": "list", "data": [{"id": "tiny-zaya", "object": "model"}]}, {}
+        assert path == "/v1/completions"
+        with self.lock:
+            self.bodies.append(body)
+        return 200, self.completion(body), {}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_rsa_model(tokenizer, seed=3)
+
+
+PARAMS = dict(rounds=2, population=4, subset_size=2, rollout_tokens=6, tail_tokens=3, sampling=GREEDY, seed=9)
+
+
+def test_remote_run_equals_the_local_run(model, tokenizer):
+    server = ModelServer(model, tokenizer)
+    with serve(server) as url:
+        engine = OpenAICompletionsEngine(url, max_concurrency=3)  # model=None: asks /v1/models
+        remote = run_markovian_rsa(engine, QUESTION, tokenizer, ServingConfig(**PARAMS), progress=False)
+    local = model.generate_markovian_rsa(QUESTION, tokenizer, progress=False, **PARAMS)
+    assert engine.model == "tiny-zaya"
+    assert [r.completions for r in remote.rounds] == [r.completions for r in local.rounds]
+    assert [r.subsets for r in remote.rounds] == [r.subsets for r in local.rounds]
+    assert [r.prompt_lengths for r in remote.rounds] == [r.prompt_lengths for r in local.rounds]
+    assert [r.completion_tokens for r in remote.rounds] == [r.completion_tokens for r in local.rounds]
+    assert remote.generated_tokens == local.generated_tokens == engine.usage.completion_tokens
+    assert engine.usage.requests == 12 and engine.usage.retries == 0
+    assert engine.usage.prompt_tokens == sum(sum(r.prompt_lengths) for r in remote.rounds)
+    # What went over the wire: token-id prompts, the round budgets, greedy, special tokens kept.
+    body = server.bodies[0]
+    assert isinstance(body["prompt"], list) and all(isinstance(t, int) for t in body["prompt"])
+    assert body["max_tokens"] == 6 and body["temperature"] == 0.0 and body["skip_special_tokens"] is False
+    assert len({b["seed"] for b in server.bodies}) == 12  # one distinct seed per rollout
+
+
+def test_sampling_parameters_are_sent_as_openai_fields():
+    engine = OpenAICompletionsEngine("http://127.0.0.1:1", model="m", extra_body={"stop": ["END"]})  # no request
+    body = engine.request_body([1, 2], 16, {"temperature": 0.6, "top_k": 40, "repetition_penalty": 1.1}, seed=5)
+    assert body == {"model": "m", "prompt": [1, 2], "max_tokens": 16, "n": 1, "stream": False,
+                    "skip_special_tokens": False, "temperature": 0.6, "top_p": 1.0, "top_k": 40,
+                    "repetition_penalty": 1.1, "seed": 5, "stop": ["END"]}
+
+
+def scripted_completion(body) -> dict:
+    return {"choices": [{"text": f"<think> w </think> \\boxed{{{len(body['prompt'])}}}", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 5}}
+
+
+def test_concurrent_requests_respect_the_limit():
+    limit = 3
+    barrier = threading.Barrier(limit, timeout=20)  # passes only once `limit` requests are in flight together
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most seen
+
+    def respond(path, body):
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:  # the last requests of a round are fewer than `limit`
+            pass
+        with lock:
+            in_flight[0] -= 1
+        return 200, scripted_completion(body), {}
+
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", max_concurrency=limit)
+        batch = engine.generate([[1, 2, 3]] * 6, max_new_tokens=8, sampling={}, seed=None)
+    assert in_flight[1] == limit
+    assert [c.text for c in batch.completions] == ["<think> w </think> \\boxed{3}"] * 6
+    assert engine.usage.completion_tokens == 30 and engine.usage.requests == 6
+
+
+def test_transient_failures_are_retried_with_backoff(tokenizer):
+    failures = iter([(503, {"error": "overloaded"}, {}), (429, {"error": "slow down"}, {"Retry-After": "0"}), None])
+    seen = []
+    lock = threading.Lock()
+
+    def respond(path, body):
+        with lock:
+            seen.append(body["prompt"])
+            failure = next(failures, "ok")
+        if failure != "ok":
+            return failure  # a 503, a 429, then a dropped connection
+        return 200, scripted_completion(body), {}
+
+    progress = []
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", max_concurrency=1, initial_backoff=0.01, max_backoff=0.05)
+        batch = engine.generate([[1], [1, 2]], max_new_tokens=4, sampling={}, seed=None, on_progress=progress.append)
+        result = run_markovian_rsa(engine, QUESTION, tokenizer,
+                                   MarkovianRSAConfig(rounds=1, population=2, subset_size=2, tail_tokens=2),
+                                   progress=False)
+    assert engine.usage.retries == 3 and len(seen) == 3 + 2 + 4
+    assert [c.text for c in batch.completions] == ["<think> w </think> \\boxed{1}", "<think> w </think> \\boxed{2}"]
+    assert progress == [1, 1]
+    assert result.generated_tokens == 4 * 5 and len(result.final_answers) == 2
+
+
+def test_persistent_failures_give_up_after_the_retries():
+    calls = []
+
+    def respond(path, body):
+        calls.append(path)
+        return 502, {"error": "bad gateway"}, {}
+
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", max_retries=2, initial_backoff=0.01)
+        with pytest.raises(EndpointError, match="after 3 attempts: HTTP 502"):
+            engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
+    assert len(calls) == 3
+
+
+def test_client_errors_are_not_retried():
+    calls = []
+
+    def respond(path, body):
+        calls.append(path)
+        return 400, {"error": {"message": "max_tokens is too large"}}, {}
+
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", initial_backoff=0.01)
+        with pytest.raises(EndpointError, match="HTTP 400.*max_tokens is too large"):
+            engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"object": "error"}, r"need choices\[0\].text and usage.completion_tokens"),
+        ({"choices": [{"text": "hi"}]}, r"usage.completion_tokens"),
+        ({"choices": [{"text": 3}], "usage": {"completion_tokens": 1}}, "must be a string"),
+        (b"<html>gateway</html>", "did not return JSON"),
+        ([1, 2], "not an object"),
+    ],
+)
+def test_malformed_responses_raise_a_clear_error(payload, message):
+    with serve(lambda path, body: (200, payload, {})) as url:
+        engine = OpenAICompletionsEngine(url, model="m", initial_backoff=0.01)
+        with pytest.raises(MalformedResponseError, match=message):
+            engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
+    assert engine.usage.retries == 0
+
+
+def test_model_discovery_and_url_checks():
+    with serve(lambda path, body: (200, {"data": []}, {})) as url:
+        with pytest.raises(MalformedResponseError, match="pass model="):
+            OpenAICompletionsEngine(url + "/v1/")
+    with pytest.raises(ValueError, match="http"):
+        OpenAICompletionsEngine("127.0.0.1:8000", model="m")
+    assert OpenAICompletionsEngine("http://127.0.0.1:1/v1/", model="m").base_url == "http://127.0.0.1:1/v1"
