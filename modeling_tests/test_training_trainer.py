@@ -54,7 +54,9 @@ def test_gradient_accumulation_honours_num_items_in_batch(tmp_path):
             max_grad_norm=0.0,
         )
         seen = []
-        model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("num_items_in_batch")), with_kwargs=True)
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs.get("num_items_in_batch")), with_kwargs=True
+        )
         Trainer(model, args, train_dataset=MaskedLabels()).train()
         assert [int(n) for n in seen] == [15 + 1 + 8 + 3] * accumulation  # label tokens after the shift
         results.append({name: p.detach().clone() for name, p in model.named_parameters()})
