@@ -340,6 +340,10 @@ class ZayaRouter(nn.Module):
             self.router_states_scale = nn.Parameter(torch.ones(config.router_hidden_size))
         self.router_mlp = ZayaRouterMLP(config.router_hidden_size, config.num_experts + 1, config.rms_norm_eps)
         self.register_buffer("balancing_biases", self.default_balancing_biases(config.num_experts))
+        # Training only, for the bias balancer: tokens per router class and the sum of their decision margins since
+        # it last read them (plain attributes, not buffers: DDP's buffer broadcast must not overwrite one rank's).
+        self.load_counts: torch.Tensor | None = None
+        self.margin_sum: torch.Tensor | None = None
 
     @staticmethod
     def default_balancing_biases(num_experts: int) -> torch.Tensor:
@@ -358,23 +362,49 @@ class ZayaRouter(nn.Module):
                 self.balancing_biases = biases.to(device=self.balancing_biases.device, dtype=torch.float32)
         return self
 
+    def record_load(self, choice: torch.Tensor, biased_probs: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        """Add this forward's tokens per class to `load_counts` and their margins (best minus second-best biased
+        probability: how far a bias must move to re-route them) to `margin_sum`, on device: no host sync."""
+        tokens = torch.ones_like(choice) if padding_mask is None else padding_mask.to(choice.dtype)  # [B, S]
+        best_two = torch.topk(biased_probs, 2, dim=-1).values  # [B, S, 2]
+        margins = (best_two[..., 0] - best_two[..., 1]) * tokens
+        if self.load_counts is None or self.load_counts.device != choice.device:
+            self.load_counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=choice.device)
+            self.margin_sum = torch.zeros((), dtype=torch.float32, device=choice.device)
+        self.load_counts.index_add_(0, choice.reshape(-1), tokens.reshape(-1))
+        self.margin_sum += margins.sum()
+
     def forward(
-        self, hidden_states: torch.Tensor, router_state: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        router_state: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`."""
+        """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`.
+        In training mode the choices of the tokens that `padding_mask` [B, S] keeps are counted for the balancer."""
         router_hidden = self.down_proj(hidden_states)  # [B, S, r]
         if use_triton_kernels(self.config.kernel_backend, router_hidden):  # kernels_zaya: fused router MLP + top-1
             carried = router_state if self.carries_state else None
             scale = self.router_states_scale if self.carries_state else None
-            return router_top1(router_hidden, carried, scale, self.router_mlp, self.balancing_biases)
+            logits, weight, choice, router_hidden = router_top1(
+                router_hidden, carried, scale, self.router_mlp, self.balancing_biases
+            )
+            if self.training:
+                biased_probs = torch.softmax(logits.detach(), dim=-1).float() + self.balancing_biases
+                self.record_load(choice, biased_probs, padding_mask)
+            return logits, weight, choice, router_hidden
         if self.carries_state and router_state is not None:
             router_hidden = router_hidden + router_state * self.router_states_scale
         logits = self.router_mlp(router_hidden)
         probs = torch.softmax(logits, dim=-1)
+        biased_probs = probs.detach().float() + self.balancing_biases
         # topk (not argmax) so that ties break exactly as in the reference implementations.
-        choice = torch.topk(probs.detach().float() + self.balancing_biases, 1, dim=-1).indices  # [B, S, 1]
+        choice = torch.topk(biased_probs, 1, dim=-1).indices  # [B, S, 1]
         weight = probs.gather(-1, choice).squeeze(-1)
-        return logits, weight, choice.squeeze(-1), router_hidden
+        choice = choice.squeeze(-1)
+        if self.training:
+            self.record_load(choice, biased_probs, padding_mask)
+        return logits, weight, choice, router_hidden
 
 
 class ZayaExperts(nn.Module):
@@ -430,11 +460,14 @@ class ZayaSparseMoeBlock(nn.Module):
         self.experts = ZayaExperts(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, router_state: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        router_state: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns `(output [B, S, d], router_logits [B*S, E+1], router_state)`."""
         batch, seq_len, hidden_size = hidden_states.shape
-        logits, weight, choice, router_state = self.gate(hidden_states, router_state)
+        logits, weight, choice, router_state = self.gate(hidden_states, router_state, padding_mask)
         output = self.experts(hidden_states.reshape(-1, hidden_size), choice.reshape(-1), weight.reshape(-1))
         return output.view(batch, seq_len, hidden_size), logits.reshape(-1, logits.shape[-1]), router_state
 
@@ -484,7 +517,7 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
         else:
             residual = self.post_attention_residual_scale(hidden_states, residual)
             hidden_states = self.post_attention_layernorm(residual.to(model_dtype))
-        hidden_states, router_logits, router_state = self.mlp(hidden_states, router_state)
+        hidden_states, router_logits, router_state = self.mlp(hidden_states, router_state, padding_mask)
         if fused:
             residual, _ = residual_merge_rmsnorm(hidden_states, residual, self.post_mlp_residual_scale)
         else:
@@ -727,12 +760,22 @@ class ZayaModel(ZayaPreTrainedModel):
         )
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int) -> torch.Tensor:
-    """Switch-style auxiliary loss over the E real experts: E * sum_e(fraction routed to e * mean prob of e)."""
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style auxiliary loss over the E real experts: E * sum_e(fraction routed to e * mean prob of e).
+    Tokens that the 2-D `padding_mask` [B, S] marks as padding are left out of both averages."""
     logits = torch.cat([layer_logits.float() for layer_logits in router_logits], dim=0)  # [L*N, E+1]
     probs = torch.softmax(logits, dim=-1)
     routed = F.one_hot(probs.argmax(dim=-1), num_experts + 1).float()
-    return num_experts * (routed.mean(0)[:num_experts] * probs.mean(0)[:num_experts]).sum()
+    if padding_mask is None:
+        token_weights = torch.full((logits.shape[0], 1), 1.0 / logits.shape[0], device=logits.device)
+    else:
+        tokens = padding_mask.reshape(-1).float().repeat(len(router_logits))  # [L*N], layer-major like `logits`
+        token_weights = (tokens / tokens.sum())[:, None]
+    fraction_routed = (routed * token_weights).sum(0)[:num_experts]
+    mean_probs = (probs * token_weights).sum(0)[:num_experts]
+    return num_experts * (fraction_routed * mean_probs).sum()
 
 
 class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin):
@@ -784,7 +827,11 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch)
         if output_router_logits:
-            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts)
+            if isinstance(attention_mask, dict):  # masks already prepared per layer type, as by `generate()`
+                padding_mask = attention_mask.get("conv")
+            else:
+                padding_mask = cca_padding_mask(attention_mask, hidden_states.shape[1])
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts, padding_mask)
             if loss is not None and self.config.router_aux_loss_coef:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
