@@ -1,11 +1,19 @@
 """Shared fixtures: tiny ZAYA configs, randomised weights, and transformers' own ZAYA as the numerical reference."""
 
-import pytest
-import torch
-from transformers.models.zaya.configuration_zaya import ZayaConfig as ReferenceConfig
-from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as ReferenceForCausalLM
+import os
 
-from zaya_hf import ZayaConfig, ZayaForCausalLM
+import torch
+
+# Without a GPU the Triton kernels of kernels_zaya are tested in Triton's CPU interpreter; the variable must be set
+# before zaya_hf (and so triton) is imported. It changes nothing for kernel_backend "auto" / "torch".
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers.models.zaya.configuration_zaya import ZayaConfig as ReferenceConfig  # noqa: E402
+from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as ReferenceForCausalLM  # noqa: E402
+
+from zaya_hf import ZayaConfig, ZayaForCausalLM  # noqa: E402
 
 # The tiny test models are dominated by per-op overhead: one intra-op thread is faster, and immune to the
 # oversubscription that spinning OpenMP threads suffer when several processes share the CPU.

@@ -10,10 +10,6 @@ from zaya_hf.training import LORA_TARGET_MODULES, lora_config
 peft = pytest.importorskip("peft")
 
 PRESETS = [("attention",), ("experts",), ("router",), ("attention", "experts", "router")]
-ALL_LINEAR_PATHS = {
-    "attention": ["q_proj", "k_proj", "v_proj_current", "v_proj_delayed", "o_proj"],
-    "router": ["gate.down_proj", "fc1", "fc2", "out_proj"],
-}
 
 
 def adapted_modules(model) -> set[str]:

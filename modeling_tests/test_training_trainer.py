@@ -1,5 +1,6 @@
 """Trainer on a tiny ZAYA: learning, num_items_in_batch under gradient accumulation, router load statistics."""
 
+import pytest
 import torch
 from conftest import left_padded_batch, make_pair
 from training_helpers import StrideCorpus, mean_loss, tiny_model, training_args
@@ -53,7 +54,9 @@ def test_gradient_accumulation_honours_num_items_in_batch(tmp_path):
             max_grad_norm=0.0,
         )
         seen = []
-        model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("num_items_in_batch")), with_kwargs=True)
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs.get("num_items_in_batch")), with_kwargs=True
+        )
         Trainer(model, args, train_dataset=MaskedLabels()).train()
         assert [int(n) for n in seen] == [15 + 1 + 8 + 3] * accumulation  # label tokens after the shift
         results.append({name: p.detach().clone() for name, p in model.named_parameters()})
@@ -113,3 +116,22 @@ def test_aux_loss_leaves_padding_out():
     torch.testing.assert_close(padded.aux_loss, expected)
     unmasked = load_balancing_loss(padded.router_logits, model.config.num_experts)
     assert not torch.allclose(unmasked, expected)  # the padding really would have changed it
+
+
+def test_router_loads_are_the_same_with_the_triton_kernels():
+    pytest.importorskip("triton")
+    model, _ = make_pair()
+    model.train()
+    ids, mask, _ = left_padded_batch()
+
+    def recorded(backend):
+        model.config.kernel_backend = backend
+        with torch.no_grad():  # forward only: the fused router kernel runs (in the interpreter on CPU)
+            model(ids, attention_mask=mask)
+        margins = torch.stack([router.margin_sum for router in zaya_routers(model)])
+        return collect_router_loads(model), margins
+
+    torch_counts, torch_margins = recorded("torch")
+    triton_counts, triton_margins = recorded("triton")
+    assert torch.equal(triton_counts, torch_counts)
+    torch.testing.assert_close(triton_margins, torch_margins, atol=1e-5, rtol=1e-4)

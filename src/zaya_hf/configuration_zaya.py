@@ -10,6 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
 ZAYA_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+ZAYA_KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 _DEFAULT_ROPE_PARAMETERS = {
     "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
@@ -26,6 +27,11 @@ class ZayaConfig(PreTrainedConfig):
     router_aux_loss_coef (`float`, defaults to 0.0):
         Weight of the optional Switch-style load-balancing loss added when `output_router_logits=True`.
         ZAYA balances experts with the bias controller instead, so it is off by default.
+    kernel_backend (`str`, defaults to `"torch"`):
+        `"auto"` runs the fused Triton kernels of `kernels_zaya.py` on CUDA/ROCm tensors when triton is installed
+        and the torch path otherwise; `"torch"` always runs the torch path; `"triton"` requires the kernels.
+        The default stays `"torch"` until the kernels have been validated on GPU hardware (they have only run in
+        Triton's CPU interpreter so far). Other loaders of the checkpoint ignore this field.
 
     ```python
     >>> from zaya_hf import ZayaConfig, ZayaForCausalLM
@@ -65,6 +71,7 @@ class ZayaConfig(PreTrainedConfig):
     router_hidden_size: int = 256
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.0
+    kernel_backend: str = "torch"
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 106
@@ -119,6 +126,10 @@ class ZayaConfig(PreTrainedConfig):
             raise ValueError(f"cca_time0 and cca_time1 must be >= 1, got {self.cca_time0} and {self.cca_time1}.")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
+        if self.kernel_backend not in ZAYA_KERNEL_BACKENDS:
+            raise ValueError(
+                f"kernel_backend must be one of {list(ZAYA_KERNEL_BACKENDS)}, got {self.kernel_backend!r}."
+            )
 
 
 __all__ = ["ZayaConfig"]

@@ -22,6 +22,15 @@ from transformers.utils import logging
 from .cache_zaya import ZayaCache, ZayaStaticCache
 from .configuration_zaya import ZayaConfig
 from .generation_zaya import ZayaGenerationMixin
+from .kernels_zaya import (
+    cca_qk_mix,
+    check_kernel_backend,
+    moe_top1,
+    residual_merge_rmsnorm,
+    residual_rmsnorm,
+    router_top1,
+    use_triton_kernels,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -146,7 +155,9 @@ class CCAProjection(nn.Module):
         hidden_states: torch.Tensor,
         cache: ZayaCache | None = None,
         padding_mask: torch.Tensor | None = None,
+        qk_tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`qk_tail=(key_temperature, cos, sin)` makes the Triton kernel also apply QK norm and RoPE to q/k."""
         batch, seq_len, _ = hidden_states.shape
         if padding_mask is not None:
             # Zeroed padding makes left padding exactly equivalent to no padding for the conv and delayed value.
@@ -158,21 +169,27 @@ class CCAProjection(nn.Module):
 
         # Residual terms: q_res[h] = (q[h] + k[h // G]) / 2, k_res[j] = mean of q_res over the G heads of group j.
         B, S, K, G, D = batch, seq_len, self.num_kv_heads, self.num_key_value_groups, self.head_dim
-        query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
-        key_residual = query_residual.mean(dim=-2)  # [B, S, K, D]
-        query_residual = query_residual.view(B, S, K * G, D)
+        if qk_tail is not None:  # kernels_zaya: conv, residual terms, QK norm and RoPE in one kernel
+            query, key, qk_window = cca_qk_mix(
+                query, key, conv_state, self.conv_qk_depthwise, self.conv_qk_grouped, *qk_tail,
+                return_window=cache is not None,
+            )
+        else:
+            query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
+            key_residual = query_residual.mean(dim=-2)  # [B, S, K, D]
+            query_residual = query_residual.view(B, S, K * G, D)
 
-        qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
-        if conv_state is None:
-            qk_window = F.pad(qk_columns, (self.conv_state_size, 0))
-        else:
-            qk_window = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
-        if seq_len == 1:
-            mixed = self.conv_last_column(qk_window)  # [B, 1, C]
-        else:
-            mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_window)).transpose(1, 2)  # [B, S, C]
-        query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual
-        key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
+            qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
+            if conv_state is None:
+                qk_window = F.pad(qk_columns, (self.conv_state_size, 0))
+            else:
+                qk_window = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
+            if seq_len == 1:
+                mixed = self.conv_last_column(qk_window)  # [B, 1, C]
+            else:
+                mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_window)).transpose(1, 2)  # [B, S, C]
+            query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual
+            key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
 
         value_current = self.v_proj_current(hidden_states)  # [B, S, K*D/2]
         value_delayed = self.v_proj_delayed(hidden_states)  # [B, S, K*D/2]
@@ -244,11 +261,15 @@ class ZayaAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        query, key, value = self.qkv_proj(hidden_states, cache, padding_mask)
-        query, key = self.qk_norm(query, key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
         cos, sin = position_embeddings
-        query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+        if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: QK norm + RoPE fused
+            query, key, value = self.qkv_proj(hidden_states, cache, padding_mask, qk_tail=(self.qk_norm.temp, cos, sin))
+            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
+        else:
+            query, key, value = self.qkv_proj(hidden_states, cache, padding_mask)
+            query, key = self.qk_norm(query, key)
+            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
+            query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -311,6 +332,7 @@ class ZayaRouter(nn.Module):
 
     def __init__(self, config: ZayaConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.num_experts = config.num_experts
         self.down_proj = nn.Linear(config.hidden_size, config.router_hidden_size)
         self.carries_state = layer_idx > 0
@@ -361,6 +383,16 @@ class ZayaRouter(nn.Module):
         """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`.
         In training mode the choices of the tokens that `padding_mask` [B, S] keeps are counted for the balancer."""
         router_hidden = self.down_proj(hidden_states)  # [B, S, r]
+        if use_triton_kernels(self.config.kernel_backend, router_hidden):  # kernels_zaya: fused router MLP + top-1
+            carried = router_state if self.carries_state else None
+            scale = self.router_states_scale if self.carries_state else None
+            logits, weight, choice, router_hidden = router_top1(
+                router_hidden, carried, scale, self.router_mlp, self.balancing_biases
+            )
+            if self.training:
+                biased_probs = torch.softmax(logits.detach(), dim=-1).float() + self.balancing_biases
+                self.record_load(choice, biased_probs, padding_mask)
+            return logits, weight, choice, router_hidden
         if self.carries_state and router_state is not None:
             router_hidden = router_hidden + router_state * self.router_states_scale
         logits = self.router_mlp(router_hidden)
@@ -380,6 +412,7 @@ class ZayaExperts(nn.Module):
 
     def __init__(self, config: ZayaConfig):
         super().__init__()
+        self.config = config
         self.num_experts = config.num_experts
         self.intermediate_size = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size, config.hidden_size))
@@ -388,6 +421,8 @@ class ZayaExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`hidden_states` [N, d], `choice` [N] in 0..E (E = skip), `weight` [N] -> [N, d]; skipped rows are 0."""
+        if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: sorted grouped GEMMs
+            return moe_top1(hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act)
         if torch.compiler.is_compiling() or (hidden_states.device.type != "cpu" and choice.numel() <= 4):
             return self.forward_gathered(hidden_states, choice, weight)
         return self.forward_grouped(hidden_states, choice, weight)
@@ -442,6 +477,7 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: ZayaConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.self_attn = ZayaAttention(config, layer_idx)
         self.mlp = ZayaSparseMoeBlock(config, layer_idx)
         self.input_layernorm = ZayaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -461,19 +497,31 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`residual` is the fp32 stream; returns `(residual, router_state, router_logits, attn_weights)`."""
         model_dtype = self.input_layernorm.weight.dtype
+        fused = use_triton_kernels(self.config.kernel_backend, residual)  # kernels_zaya: residual merge + norm fused
+        if fused:
+            hidden_states = residual_rmsnorm(residual, self.input_layernorm)
+        else:
+            hidden_states = self.input_layernorm(residual.to(model_dtype))
         hidden_states, attn_weights = self.self_attn(
-            self.input_layernorm(residual.to(model_dtype)),
+            hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             padding_mask=padding_mask,
             cache=cache,
             **kwargs,
         )
-        residual = self.post_attention_residual_scale(hidden_states, residual)
-        hidden_states, router_logits, router_state = self.mlp(
-            self.post_attention_layernorm(residual.to(model_dtype)), router_state, padding_mask
-        )
-        residual = self.post_mlp_residual_scale(hidden_states, residual)
+        if fused:
+            residual, hidden_states = residual_merge_rmsnorm(
+                hidden_states, residual, self.post_attention_residual_scale, self.post_attention_layernorm
+            )
+        else:
+            residual = self.post_attention_residual_scale(hidden_states, residual)
+            hidden_states = self.post_attention_layernorm(residual.to(model_dtype))
+        hidden_states, router_logits, router_state = self.mlp(hidden_states, router_state, padding_mask)
+        if fused:
+            residual, _ = residual_merge_rmsnorm(hidden_states, residual, self.post_mlp_residual_scale)
+        else:
+            residual = self.post_mlp_residual_scale(hidden_states, residual)
         return residual, router_state, router_logits, attn_weights
 
 
@@ -613,6 +661,7 @@ class ZayaModel(ZayaPreTrainedModel):
 
     def __init__(self, config: ZayaConfig):
         super().__init__(config)
+        check_kernel_backend(config.kernel_backend)  # "triton" without triton fails here, not at the first forward
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))

@@ -4,6 +4,7 @@ Both models hold the same weights and run alternately: a warm-up, then `repeats`
 measurement; the median is reported. Greedy outputs are compared token for token.
 """
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -91,7 +92,7 @@ def run_decode_benchmark(
     device = ours.device
     models = {"zaya_hf": ours} if reference is None else {"zaya_hf": ours, "transformers": reference}
     vocab = ours.config.vocab_size
-    result: dict = {}
+    result: dict = {"torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0]}
     identical = True
     for batch in batch_sizes:
         prompt = torch.randint(1, vocab, (batch, prompt_tokens), device=device)
@@ -124,6 +125,7 @@ def run_decode_benchmark(
     if on_measurement is not None:
         on_measurement(f"prefill {prefill_tokens}")
 
+    result["load_average_1min_at_end"] = os.getloadavg()[0]  # other processes on the CPU skew both sides
     result.update(measure_cache_bytes(ours))
     return result
 
