@@ -91,7 +91,7 @@ def write_plot(comparison, path: Path, rsa_label: str) -> bool:
     ax.set_ylabel("accuracy on held-out problems")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{comparison.num_problems} held-out problems")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

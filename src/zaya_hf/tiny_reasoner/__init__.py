@@ -8,5 +8,5 @@
 
 # Markovian RSA settings of `zaya-hf demo` and of `zaya-hf rsa` on the embedded model: its solutions are a few
 # dozen tokens, so β and τ shrink from ZAYA1-8B's 16K / 4K while T and C keep the recommended values.
-DEMO_RSA_SETTINGS = {"rounds": 2, "population": 8, "subset_size": 4, "rollout_tokens": 96, "tail_tokens": 48}
-DEMO_PROBLEMS = 32
+DEMO_RSA_SETTINGS = {"rounds": 2, "population": 16, "subset_size": 4, "rollout_tokens": 96, "tail_tokens": 48}
+DEMO_PROBLEMS = 48
