@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from transformers import CompileConfig
 from transformers.models.zaya.configuration_zaya import ZayaConfig as ReferenceConfig
 from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as ReferenceForCausalLM
 
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time zaya_hf with a static cache and a compiled decode step"
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -109,16 +113,23 @@ def main() -> None:
     for batch in (1, 16):
         prompt = torch.randint(1, vocab, (batch, args.prompt_tokens), device=device)
         fns = {}
-        for name, model in (("zaya_hf", ours), ("transformers", reference)):
-            fns[f"{name}_full"] = generate_fn(model, prompt, args.new_tokens)
-            fns[f"{name}_prefill"] = generate_fn(model, prompt, 1)
+        variants = [("zaya_hf", ours, {}), ("transformers", reference, {})]
+        if args.compile:
+            compile_config = CompileConfig(fullgraph=True, dynamic=False)
+            compile_config._compile_all_devices = True  # generate() compiles only on accelerators otherwise
+            variants.append(("zaya_hf_compiled", ours, {"cache_implementation": "static", "compile_config": compile_config}))
+        for name, model, kwargs in variants:
+            fns[f"{name}_full"] = generate_fn(model, prompt, args.new_tokens, **kwargs)
+            fns[f"{name}_prefill"] = generate_fn(model, prompt, 1, **kwargs)
         times = median_times(fns, device, args.repeats)
-        for name in ("zaya_hf", "transformers"):
+        for name, _, _ in variants:
             decode_seconds = times[f"{name}_full"] - times[f"{name}_prefill"]
             result[f"{name}_decode_tok_s_bs{batch}"] = round(batch * (args.new_tokens - 1) / decode_seconds, 1)
-        result[f"decode_ratio_bs{batch}"] = round(
-            result[f"zaya_hf_decode_tok_s_bs{batch}"] / result[f"transformers_decode_tok_s_bs{batch}"], 2
-        )
+        for name, _, _ in variants[:1] + variants[2:]:
+            ratio_name = "decode_ratio" if name == "zaya_hf" else "compiled_decode_ratio"
+            result[f"{ratio_name}_bs{batch}"] = round(
+                result[f"{name}_decode_tok_s_bs{batch}"] / result[f"transformers_decode_tok_s_bs{batch}"], 2
+            )
         identical &= torch.equal(fns["zaya_hf_full"](), fns["transformers_full"]())
 
     long_prompt = torch.randint(1, vocab, (1, args.prefill_tokens), device=device)
