@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time zaya_hf with a static cache and a compiled decode step"
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -35,7 +38,7 @@ def main() -> None:
     result.update(
         run_decode_benchmark(
             ours, reference, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-            prefill_tokens=args.prefill_tokens, repeats=args.repeats,
+            prefill_tokens=args.prefill_tokens, repeats=args.repeats, compile_decode=args.compile,
         )
     )
     print(json.dumps(result))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import CompileConfig
 
 from ..cache_zaya import ZayaCache
 from ..configuration_zaya import ZayaConfig
@@ -56,9 +57,9 @@ def timed(fn: Callable, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def generate_fn(model, prompt: torch.Tensor, new_tokens: int) -> Callable:
+def generate_fn(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> Callable:
     def run():
-        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
 
     return run
 
@@ -84,30 +85,38 @@ def run_decode_benchmark(
     new_tokens: int = 64,
     prefill_tokens: int = 1024,
     repeats: int = 3,
+    compile_decode: bool = False,
     on_measurement: Callable[[str], None] | None = None,
 ) -> dict:
     """Decode tokens/s per batch size, prefill tokens/s, bf16 cache bytes (per token per layer, and the fixed
     per-sequence state); with `reference`, the same speeds for transformers' ZAYA, the ratios and whether greedy
-    tokens are identical. Both models must be on one device. Leaves `ours` in bf16 (the cache is measured last)."""
+    tokens are identical; with `compile_decode`, zaya_hf also with a static cache and a compiled decode step
+    ("zaya_hf_compiled"). Both models must be on one device. Leaves `ours` in bf16 (the cache is measured last)."""
     device = ours.device
-    models = {"zaya_hf": ours} if reference is None else {"zaya_hf": ours, "transformers": reference}
+    variants = [("zaya_hf", ours, {})] + ([] if reference is None else [("transformers", reference, {})])
+    if compile_decode:
+        compile_config = CompileConfig(fullgraph=True, dynamic=False)
+        compile_config._compile_all_devices = True  # generate() compiles only on accelerators otherwise
+        variants.append(("zaya_hf_compiled", ours, {"cache_implementation": "static", "compile_config": compile_config}))
     vocab = ours.config.vocab_size
     result: dict = {"torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0]}
     identical = True
     for batch in batch_sizes:
         prompt = torch.randint(1, vocab, (batch, prompt_tokens), device=device)
         fns = {}
-        for name, model in models.items():
-            fns[f"{name}_full"] = generate_fn(model, prompt, new_tokens)
-            fns[f"{name}_prefill"] = generate_fn(model, prompt, 1)
+        for name, model, kwargs in variants:
+            fns[f"{name}_full"] = generate_fn(model, prompt, new_tokens, **kwargs)
+            fns[f"{name}_prefill"] = generate_fn(model, prompt, 1, **kwargs)
         times = median_times(fns, device, repeats)
-        for name in models:
+        for name, _, _ in variants:
             decode_seconds = times[f"{name}_full"] - times[f"{name}_prefill"]
             result[f"{name}_decode_tok_s_bs{batch}"] = round(batch * (new_tokens - 1) / decode_seconds, 1)
         if reference is not None:
-            result[f"decode_ratio_bs{batch}"] = round(
-                result[f"zaya_hf_decode_tok_s_bs{batch}"] / result[f"transformers_decode_tok_s_bs{batch}"], 2
-            )
+            for name in ("zaya_hf", "zaya_hf_compiled")[: 1 + compile_decode]:
+                ratio_name = "decode_ratio" if name == "zaya_hf" else "compiled_decode_ratio"
+                result[f"{ratio_name}_bs{batch}"] = round(
+                    result[f"{name}_decode_tok_s_bs{batch}"] / result[f"transformers_decode_tok_s_bs{batch}"], 2
+                )
             identical &= torch.equal(fns["zaya_hf_full"](), fns["transformers_full"]())
         if on_measurement is not None:
             on_measurement(f"decode bs{batch}")

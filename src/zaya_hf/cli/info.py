@@ -129,6 +129,8 @@ def add_bench_parser(subparsers) -> None:
     parser.add_argument("--prefill-tokens", type=positive_int, default=1024)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--no-reference", action="store_true", help="time zaya_hf only")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time zaya_hf with a static cache and a compiled decode step")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run_bench)
 
@@ -158,7 +160,7 @@ def run_bench(args: argparse.Namespace) -> int:
         result = run_decode_benchmark(
             ours, reference, batch_sizes=args.batch_sizes, prompt_tokens=args.prompt_tokens,
             new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, repeats=args.repeats,
-            on_measurement=lambda _: bar.update(),
+            compile_decode=args.compile, on_measurement=lambda _: bar.update(),
         )
     print(json.dumps({"model": name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                       "repeats": args.repeats, **result}))
