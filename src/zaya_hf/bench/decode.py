@@ -144,16 +144,18 @@ def measure_cache_bytes(model: ZayaForCausalLM) -> dict:
     """KV bytes per token per layer and the fixed per-sequence CCA state, read off real `ZayaCache` objects in bf16.
     Casts `model` to bf16 in place: run it last."""
     model = model.to(torch.bfloat16)
+    # Two lengths below any sliding window, so that every layer's cache still grows between them.
+    short = 64 if "hybrid_sliding" not in model.config.layer_types else max(1, (model.config.sliding_window - 1) // 2)
     held = {}
-    for length in (64, 128):
+    for length in (short, 2 * short):
         cache = ZayaCache(model.config)
         model(torch.randint(1, model.config.vocab_size, (1, length), device=model.device), cache=cache, use_cache=True)
         held[length] = cache.nbytes
     layers = model.config.num_hidden_layers
-    per_token_per_layer = (held[128] - held[64]) / 64 / layers
+    per_token_per_layer = (held[2 * short] - held[short]) / short / layers
     return {
         "cache_bf16_kv_bytes_per_token_per_layer": per_token_per_layer,
-        "cache_bf16_fixed_bytes_per_sequence_per_layer": (held[64] - 64 * per_token_per_layer * layers) / layers,
+        "cache_bf16_fixed_bytes_per_sequence_per_layer": (held[short] - short * per_token_per_layer * layers) / layers,
     }
 
 
