@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -222,6 +223,28 @@ def test_client_errors_are_not_retried():
         with pytest.raises(EndpointError, match="HTTP 400.*max_tokens is too large"):
             engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
     assert len(calls) == 1
+
+
+def test_a_failed_batch_stops_its_other_requests_before_returning():
+    """One rollout is refused for good while another keeps getting 503: generate() raises the refusal, the other
+    request stops retrying, and nothing reaches the server after the call returned."""
+    calls = []
+
+    def respond(path, body):
+        calls.append(body["prompt"])
+        if body["prompt"] == [1]:
+            time.sleep(0.2)  # the other request is already in its retry loop
+            return 400, {"error": {"message": "prompt too long"}}, {}
+        return 503, {"error": {"message": "busy"}}, {}
+
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", max_retries=100, initial_backoff=0.02, max_backoff=0.02)
+        with pytest.raises(EndpointError, match="HTTP 400.*prompt too long"):
+            engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
+        seen, retries = len(calls), engine.usage.retries
+        time.sleep(0.3)
+        assert len(calls) == seen and engine.usage.retries == retries
+    assert 1 <= retries < 100
 
 
 @pytest.mark.parametrize(

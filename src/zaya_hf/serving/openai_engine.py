@@ -8,7 +8,6 @@ out of the text the tails are cut from.
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -92,12 +91,16 @@ class OpenAICompletionsEngine:
 
     # -- requests ----------------------------------------------------------------------------------------------
 
-    def _request(self, path: str, body: dict | None = None) -> dict:
-        """One HTTP exchange, retried on transient failures; returns the decoded JSON object."""
+    def _request(self, path: str, body: dict | None = None, abort: threading.Event | None = None) -> dict:
+        """One HTTP exchange, retried on transient failures; returns the decoded JSON object. Once `abort` is set
+        (another request of the same batch failed for good) a transient failure is not retried."""
+        abort = abort or threading.Event()
         for attempt in range(self.max_retries + 1):
             try:
                 return self._request_once(path, body)
             except _TransientError as error:
+                if abort.is_set():
+                    raise EndpointError(f"{self.base_url}{path} abandoned after {error}: the batch failed") from error
                 if attempt == self.max_retries:
                     raise EndpointError(
                         f"{self.base_url}{path} still failing after {self.max_retries + 1} attempts: {error}"
@@ -105,7 +108,7 @@ class OpenAICompletionsEngine:
                 with self._usage_lock:
                     self.usage.retries += 1
                 delay = self.initial_backoff * 2**attempt if error.retry_after is None else error.retry_after
-                time.sleep(min(delay, self.max_backoff))
+                abort.wait(min(delay, self.max_backoff))
         raise AssertionError("unreachable")
 
     def _request_once(self, path: str, body: dict | None) -> dict:
@@ -165,9 +168,16 @@ class OpenAICompletionsEngine:
         body.update(self.extra_body)
         return body
 
-    def complete(self, prompt: list[int], max_new_tokens: int, sampling: dict, seed: int | None) -> Completion:
+    def complete(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        sampling: dict,
+        seed: int | None,
+        abort: threading.Event | None = None,
+    ) -> Completion:
         """One rollout: a `/v1/completions` request for `prompt` (token ids)."""
-        payload = self._request("/completions", self.request_body(prompt, max_new_tokens, sampling, seed))
+        payload = self._request("/completions", self.request_body(prompt, max_new_tokens, sampling, seed), abort)
         try:
             choice = payload["choices"][0]
             text = choice["text"]
@@ -196,11 +206,14 @@ class OpenAICompletionsEngine:
         seed: int | None,
         on_progress: Callable[[int], None] | None = None,
     ) -> RolloutBatch:
-        """All prompts of a round concurrently; the first request that fails for good cancels those not started."""
+        """All prompts of a round concurrently. The first request that fails for good cancels those not started and
+        stops the retries of those in flight; the call returns only once no request of the batch is running, so
+        nothing touches `usage` or the server afterwards."""
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)))
+        abort = threading.Event()
         try:
             futures = [
-                pool.submit(self.complete, prompt, max_new_tokens, sampling, _request_seed(seed, i))
+                pool.submit(self.complete, prompt, max_new_tokens, sampling, _request_seed(seed, i), abort)
                 for i, prompt in enumerate(prompts)
             ]
             if on_progress is not None:
@@ -212,7 +225,8 @@ class OpenAICompletionsEngine:
                 raise failed.exception()
             return RolloutBatch([future.result() for future in futures])
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            abort.set()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _request_seed(round_seed: int | None, index: int) -> int | None:
