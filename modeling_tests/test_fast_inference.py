@@ -5,6 +5,7 @@ import torch
 from conftest import left_padded_batch, make_pair, tiny_config
 
 from zaya_hf import ZayaCache, ZayaForCausalLM, ZayaStaticCache, predict_cache_nbytes
+from zaya_hf.kernels_zaya import ONEDNN_MAX_ROWS, linear, uses_onednn_gemv
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,37 @@ def test_gathered_expert_dispatch_equals_grouped(model):
     choice = torch.tensor([0, 4, 2, 2, 4, 1, 0])  # 4 = the skip class
     weight = torch.rand(7)
     gathered = experts.forward_gathered(hidden, choice, weight)
-    assert (gathered - experts.forward_grouped(hidden, choice, weight)).abs().max().item() <= 1e-6
+    assert (gathered - experts(hidden, choice, weight)).abs().max().item() <= 1e-6  # grouped on CPU
     assert torch.count_nonzero(gathered[[1, 4]]) == 0
+
+
+def test_few_row_cpu_products_take_onednn_and_agree_with_f_linear():
+    weight, bias = torch.randn(96, 48), torch.randn(96)
+    decode_rows, prefill_rows = torch.randn(3, 1, 48), torch.randn(1, ONEDNN_MAX_ROWS + 1, 48)
+    with torch.no_grad():
+        assert uses_onednn_gemv(decode_rows, weight, bias) is torch.backends.mkldnn.is_available()
+        assert not uses_onednn_gemv(prefill_rows, weight, bias)  # prefill keeps MKL (bit-identical to the reference)
+        assert not uses_onednn_gemv(decode_rows.bfloat16(), weight.bfloat16())
+        fast = linear(decode_rows, weight, bias)
+    assert fast.shape == (3, 1, 96)
+    assert (fast - torch.nn.functional.linear(decode_rows, weight, bias)).abs().max().item() <= 1e-5
+    weight.requires_grad_()
+    assert not uses_onednn_gemv(decode_rows, weight, bias)  # autograd records: F.linear, which has a backward
+    linear(decode_rows, weight, bias).sum().backward()
+    assert weight.grad is not None
+
+
+@torch.no_grad()
+def test_compiled_cpu_step_runs_the_grouped_experts_as_one_op(model):
+    """In a compiled CPU inference graph the experts run as the opaque grouped op, not the per-token gather."""
+    experts = model.model.layers[0].mlp.experts
+    hidden, choice, weight = torch.randn(5, model.config.hidden_size), torch.tensor([0, 3, 3, 4, 1]), torch.rand(5)
+    compiled = torch.compile(experts, fullgraph=True, dynamic=False)
+    assert (compiled(hidden, choice, weight) - experts(hidden, choice, weight)).abs().max().item() <= 1e-6
+    explanation = torch._dynamo.explain(experts)(hidden, choice, weight)
+    assert explanation.graph_break_count == 0
+    targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+    assert "zaya_hf.moe_top1_grouped.default" in targets
 
 
 @torch.no_grad()

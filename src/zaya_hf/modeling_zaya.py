@@ -23,9 +23,11 @@ from .cache_zaya import ZayaCache, ZayaStaticCache
 from .configuration_zaya import ZayaConfig
 from .generation_zaya import ZayaGenerationMixin
 from .kernels_zaya import (
+    ZayaLinear,
     cca_qk_mix,
     check_kernel_backend,
     moe_top1,
+    moe_top1_grouped,
     residual_merge_rmsnorm,
     residual_rmsnorm,
     router_top1,
@@ -141,10 +143,10 @@ class CCAProjection(nn.Module):
         kv_size = self.num_kv_heads * self.head_dim
         conv_channels = query_size + kv_size
 
-        self.q_proj = nn.Linear(config.hidden_size, query_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj_current = nn.Linear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
-        self.v_proj_delayed = nn.Linear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
+        self.q_proj = ZayaLinear(config.hidden_size, query_size, bias=config.attention_bias)
+        self.k_proj = ZayaLinear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj_current = ZayaLinear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
+        self.v_proj_delayed = ZayaLinear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
         self.conv_qk_depthwise = nn.Conv1d(conv_channels, conv_channels, config.cca_time0, groups=conv_channels)
         self.conv_qk_grouped = nn.Conv1d(
             conv_channels, conv_channels, config.cca_time1, groups=self.num_heads + self.num_kv_heads
@@ -210,8 +212,11 @@ class CCAProjection(nn.Module):
         """
         depthwise, grouped = self.conv_qk_depthwise, self.conv_qk_grouped
         groups, batch = grouped.groups, qk_window.shape[0]
-        # Depthwise outputs at the last t1 positions: [B, C, t1, t0] windows * [C, 1, t0] taps -> [B, C, t1].
-        mixed = (qk_window.unfold(-1, depthwise.kernel_size[0], 1) * depthwise.weight).sum(-1) + depthwise.bias[:, None]
+        # Depthwise outputs at the last t1 positions, one multiply-add per tap over contiguous slices: [B, C, t1].
+        t0, t1 = depthwise.kernel_size[0], grouped.kernel_size[0]
+        mixed = depthwise.bias[:, None].expand(qk_window.shape[1], t1)
+        for tap in range(t0):
+            mixed = torch.addcmul(mixed, qk_window[..., tap : tap + t1], depthwise.weight[:, :, tap])
         # Grouped conv at the last position, one matmul per group: [G, B, (C/G)*t1] @ [G, (C/G)*t1, C/G].
         mixed = mixed.reshape(batch, groups, -1).transpose(0, 1)
         weight = grouped.weight.view(groups, grouped.out_channels // groups, -1).transpose(1, 2)
@@ -249,7 +254,7 @@ class ZayaAttention(nn.Module):
         self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "hybrid_sliding" else None
         self.qkv_proj = CCAProjection(config, layer_idx)
         self.qk_norm = ZayaQKNorm(config)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = ZayaLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(
         self,
@@ -423,29 +428,18 @@ class ZayaExperts(nn.Module):
         """`hidden_states` [N, d], `choice` [N] in 0..E (E = skip), `weight` [N] -> [N, d]; skipped rows are 0."""
         if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: sorted grouped GEMMs
             return moe_top1(hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act)
-        if torch.compiler.is_compiling() or (hidden_states.device.type != "cpu" and choice.numel() <= 4):
+        compiling = torch.compiler.is_compiling()
+        on_cpu = hidden_states.device.type == "cpu"
+        if (compiling and not (on_cpu and not torch.is_grad_enabled())) or (not on_cpu and choice.numel() <= 4):
             return self.forward_gathered(hidden_states, choice, weight)
-        return self.forward_grouped(hidden_states, choice, weight)
-
-    def forward_grouped(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Tokens grouped by expert, one GEMM pair per used expert. Syncs once for the group sizes (free on CPU)."""
-        output = torch.zeros_like(hidden_states)
-        order = torch.argsort(choice, stable=True)  # tokens grouped by expert, in token order within a group
-        counts = torch.bincount(choice, minlength=self.num_experts + 1)[: self.num_experts].tolist()
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = order[start : start + count]
-            start += count
-            gate, up = F.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            output[rows] = (expert_out * weight[rows, None]).to(output.dtype)
-        return output
+        # Grouped by expert; in a compiled CPU inference graph, one opaque op (kernels_zaya.moe_top1_grouped).
+        return moe_top1_grouped(
+            hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act
+        )
 
     def forward_gathered(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Each token multiplies its own expert's weights, gathered: no host sync and static shapes (compilable);
-        cheapest for a handful of tokens on an accelerator."""
+        """Each token multiplies its own expert's weights, gathered: no host sync and static shapes (compilable,
+        CUDA-graph friendly); cheapest for a handful of tokens on an accelerator."""
         is_expert = choice < self.num_experts
         expert = choice.clamp(max=self.num_experts - 1)  # a skipped token computes any expert; its weight is 0
         gate, up = torch.bmm(self.gate_up_proj[expert], hidden_states[:, :, None]).squeeze(-1).chunk(2, dim=-1)
@@ -787,7 +781,7 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
         super().__init__(config)
         self.model = ZayaModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = ZayaLinear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
     def forward(
