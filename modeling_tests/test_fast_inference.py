@@ -29,6 +29,35 @@ def test_crop_rolls_every_state_back_exactly(model):
         cache.crop(-7)
 
 
+@torch.no_grad()
+def test_reserved_room_decodes_in_place_and_equals_the_full_forward(model):
+    """With a max length (as generate() sets it) full-attention layers write decode steps into reserved room:
+    few reallocations, never more than the max length held, same logits; crop and batch ops keep working."""
+    ids = torch.randint(3, 101, (2, 30))
+    cache = ZayaCache(model.config)
+    cache.set_max_length(29)
+    model(ids[:, :6], cache=cache, use_cache=True)
+    layer = next(layer for layer in cache.layers if type(layer).__name__ == "ZayaCacheLayer")
+    buffers, logits = set(), []
+    for t in range(6, 24):
+        logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        buffers.add(layer._key_buffer.data_ptr())
+        assert layer.keys.data_ptr() == layer._key_buffer.data_ptr()  # a view of the buffer, not a copy
+    assert len(buffers) <= 3  # 12 -> 24 -> 29 tokens of room, not one allocation per step
+    assert (torch.cat(logits, dim=1) - model(ids[:, :24]).logits[:, 6:]).abs().max().item() <= 1e-5
+    assert cache.nbytes <= predict_cache_nbytes(model.config, 2, 29, torch.float32)
+
+    cache.activate_past_recording()
+    model(ids[:, 24:27], cache=cache, use_cache=True)
+    cache.crop(-2)  # the next step overwrites the two dropped columns in place
+    step = model(ids[:, 25:26], cache=cache, use_cache=True).logits
+    assert (step - model(ids[:, :26]).logits[:, 25:]).abs().max().item() <= 1e-5
+
+    cache.batch_select_indices(torch.tensor([1]))  # a new (unbuffered) tensor: the next update reallocates
+    step = model(ids[1:, 26:27], cache=cache, use_cache=True).logits
+    assert (step - model(ids[1:, :27]).logits[:, 26:]).abs().max().item() <= 1e-5
+
+
 def test_crop_without_recording_fails_clearly(model):
     cache = ZayaCache(model.config)
     with torch.no_grad():

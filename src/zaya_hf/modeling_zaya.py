@@ -123,6 +123,34 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def cpu_masked_sdpa_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA over grouped KV heads on CPU under a mask (padding, static cache).
+
+    transformers' SDPA path expands the KV heads whenever there is a mask, to keep CUDA off its slow math kernel;
+    torch's CPU kernel takes the mask and the grouped heads as they are (same result), and the expanded copy costs
+    more than the attention itself (batch-16 bench-small step with a 191-token static cache: 592 -> 244 us a layer).
+    """
+    attn_output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask[:, :, :, : key.shape[-2]],
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return attn_output.transpose(1, 2).contiguous(), None  # [B, S, H, D]
+
+
 class CCAProjection(nn.Module):
     """Compressed Convolutional Attention projection: hidden states -> (Q, K, V) before QK norm and RoPE.
 
@@ -282,6 +310,8 @@ class ZayaAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self.config._attn_implementation == "sdpa" and attention_mask is not None and query.device.type == "cpu":
+            attention_interface = cpu_masked_sdpa_forward
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -854,6 +884,7 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             if generation_config.cache_implementation is not None:
                 raise ValueError("Pass either `cache` or `cache_implementation`, not both.")
             user_cache._is_user_defined = True
+            user_cache.set_max_length(max_cache_length)
             model_kwargs["cache"] = model_kwargs.pop("past_key_values", user_cache)
             return
         if generation_config.use_cache is False:
@@ -861,6 +892,7 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
         implementation = generation_config.cache_implementation
         if implementation in (None, "dynamic"):
             model_kwargs["cache"] = ZayaCache(self.config)
+            model_kwargs["cache"].set_max_length(max_cache_length)
         elif implementation == "static":
             # Reuse the longest length seen so far, so that a compiled decode step is not recompiled.
             max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
