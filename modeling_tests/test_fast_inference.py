@@ -5,7 +5,7 @@ import torch
 from conftest import left_padded_batch, make_pair, tiny_config
 
 from zaya_hf import ZayaCache, ZayaForCausalLM, ZayaStaticCache, predict_cache_nbytes
-from zaya_hf.kernels_zaya import ONEDNN_MAX_ROWS, linear, uses_onednn_gemv
+from zaya_hf.kernels_zaya import linear, uses_onednn_linear
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +85,18 @@ def test_gathered_expert_dispatch_equals_grouped(model):
     assert torch.count_nonzero(gathered[[1, 4]]) == 0
 
 
-def test_few_row_cpu_products_take_onednn_and_agree_with_f_linear():
+def test_fp32_cpu_inference_products_take_onednn_and_agree_with_f_linear():
     weight, bias = torch.randn(96, 48), torch.randn(96)
-    decode_rows, prefill_rows = torch.randn(3, 1, 48), torch.randn(1, ONEDNN_MAX_ROWS + 1, 48)
+    decode_rows, prefill_rows = torch.randn(3, 1, 48), torch.randn(1, 300, 48)
     with torch.no_grad():
-        assert uses_onednn_gemv(decode_rows, weight, bias) is torch.backends.mkldnn.is_available()
-        assert not uses_onednn_gemv(prefill_rows, weight, bias)  # prefill keeps MKL (bit-identical to the reference)
-        assert not uses_onednn_gemv(decode_rows.bfloat16(), weight.bfloat16())
-        fast = linear(decode_rows, weight, bias)
-    assert fast.shape == (3, 1, 96)
-    assert (fast - torch.nn.functional.linear(decode_rows, weight, bias)).abs().max().item() <= 1e-5
+        for rows in (decode_rows, prefill_rows):
+            assert uses_onednn_linear(rows, weight, bias) is torch.backends.mkldnn.is_available()
+            fast = linear(rows, weight, bias)
+            assert fast.shape == (*rows.shape[:-1], 96)
+            assert (fast - torch.nn.functional.linear(rows, weight, bias)).abs().max().item() <= 1e-5
+        assert not uses_onednn_linear(decode_rows.bfloat16(), weight.bfloat16())  # F.linear uses oneDNN for bf16
     weight.requires_grad_()
-    assert not uses_onednn_gemv(decode_rows, weight, bias)  # autograd records: F.linear, which has a backward
+    assert not uses_onednn_linear(decode_rows, weight, bias)  # autograd records: F.linear, which has a backward
     linear(decode_rows, weight, bias).sum().backward()
     assert weight.grad is not None
 
