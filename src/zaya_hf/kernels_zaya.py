@@ -26,6 +26,7 @@ tensors in Triton's interpreter (slow; for tests only). bf16 `tl.dot` is wrong t
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -974,13 +975,25 @@ def residual_rmsnorm(residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _opaque_op(name: str, fn: Callable, fake: Callable) -> Callable:
+    """`fn` as the custom op `zaya_hf::name`, which compiled graphs call without tracing into it. A second copy of
+    this file in the process (the package and a checkpoint's remote code) reuses the first registration."""
+    try:
+        op = torch.library.custom_op(f"zaya_hf::{name}", mutates_args=())(fn)
+    except RuntimeError:  # already registered by the other copy
+        return getattr(torch.ops.zaya_hf, name)
+    op.register_fake(fake)
+    return op
+
+
 def _onednn_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 # Inductor cannot lower the dense-weight oneDNN call, so compiled graphs call it through an opaque custom op.
-_onednn_linear_op = torch.library.custom_op("zaya_hf::onednn_linear", mutates_args=())(_onednn_linear_eager)
-_onednn_linear_op.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+_onednn_linear_op = _opaque_op(
+    "onednn_linear", _onednn_linear_eager, lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0])
+)
 
 
 def uses_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -1031,8 +1044,9 @@ def _moe_top1_reference_op(
     return moe_top1_reference(hidden_states, choice, weight, gate_up_proj, down_proj, hidden_act)
 
 
-_moe_top1_grouped_op = torch.library.custom_op("zaya_hf::moe_top1_grouped", mutates_args=())(_moe_top1_reference_op)
-_moe_top1_grouped_op.register_fake(lambda hidden_states, *args: torch.empty_like(hidden_states))
+_moe_top1_grouped_op = _opaque_op(
+    "moe_top1_grouped", _moe_top1_reference_op, lambda hidden_states, *args: torch.empty_like(hidden_states)
+)
 
 
 def moe_top1_grouped(
