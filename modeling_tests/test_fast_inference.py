@@ -86,15 +86,18 @@ def test_gathered_expert_dispatch_equals_grouped(model):
 
 
 def test_fp32_cpu_inference_products_take_onednn_and_agree_with_f_linear():
-    weight, bias = torch.randn(96, 48), torch.randn(96)
-    decode_rows, prefill_rows = torch.randn(3, 1, 48), torch.randn(1, 300, 48)
+    weight, bias = torch.randn(1024, 256) / 16, torch.randn(1024)
+    decode_rows, prefill_rows = torch.randn(3, 1, 256), torch.randn(1, 300, 256)
     with torch.no_grad():
         for rows in (decode_rows, prefill_rows):
             assert uses_onednn_linear(rows, weight, bias) is torch.backends.mkldnn.is_available()
             fast = linear(rows, weight, bias)
-            assert fast.shape == (*rows.shape[:-1], 96)
+            assert fast.shape == (*rows.shape[:-1], 1024)
             assert (fast - torch.nn.functional.linear(rows, weight, bias)).abs().max().item() <= 1e-5
         assert not uses_onednn_linear(decode_rows.bfloat16(), weight.bfloat16())  # F.linear uses oneDNN for bf16
+        assert not uses_onednn_linear(decode_rows, weight[:64], bias[:64])  # small weights stay in cache: MKL
+        compiled = torch.compile(linear, fullgraph=True, dynamic=False)  # the oneDNN call as an opaque op
+        assert (compiled(decode_rows, weight, bias) - linear(decode_rows, weight, bias)).abs().max().item() <= 1e-6
     weight.requires_grad_()
     assert not uses_onednn_linear(decode_rows, weight, bias)  # autograd records: F.linear, which has a backward
     linear(decode_rows, weight, bias).sum().backward()

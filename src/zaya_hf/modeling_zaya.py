@@ -133,11 +133,14 @@ def cpu_masked_sdpa_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA over grouped KV heads on CPU under a mask (padding, static cache).
+    """SDPA over grouped KV heads for fp32 on CPU under a mask, where transformers would expand them.
 
-    transformers' SDPA path expands the KV heads whenever there is a mask, to keep CUDA off its slow math kernel;
-    torch's CPU kernel takes the mask and the grouped heads as they are (same result), and the expanded copy costs
-    more than the attention itself (batch-16 bench-small step with a 191-token static cache: 592 -> 244 us a layer).
+    With a mask, transformers' SDPA path expands the KV heads (keeping CUDA off its slow math kernel) except for
+    eager one-token steps, which it packs. torch's fp32 CPU kernel takes the mask and the grouped heads as they are
+    (same result), and the expanded copy costs more than the attention: a compiled batch-16 bench-small step with a
+    191-token static cache 517 -> 217 us a layer, a padded 64-token chunk 6.0 -> 4.6 ms. (In bf16 the grouped
+    kernel is no faster than the expansion and 8x slower than the packed one-token step, so bf16 stays on
+    transformers' path.)
     """
     attn_output = F.scaled_dot_product_attention(
         query,
@@ -310,7 +313,13 @@ class ZayaAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if self.config._attn_implementation == "sdpa" and attention_mask is not None and query.device.type == "cpu":
+        if (
+            self.config._attn_implementation == "sdpa"
+            and attention_mask is not None
+            and query.device.type == "cpu"
+            and query.dtype == torch.float32
+            and (query.shape[2] > 1 or torch.compiler.is_compiling())
+        ):
             attention_interface = cpu_masked_sdpa_forward
         attn_output, attn_weights = attention_interface(
             self,
