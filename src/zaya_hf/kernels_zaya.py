@@ -1037,19 +1037,8 @@ class ZayaLinear(nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
-def _moe_top1_reference_op(
-    hidden_states: torch.Tensor,
-    choice: torch.Tensor,
-    weight: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    hidden_act: str,
-) -> torch.Tensor:
-    return moe_top1_reference(hidden_states, choice, weight, gate_up_proj, down_proj, hidden_act)
-
-
 _moe_top1_grouped_op = _opaque_op(
-    "moe_top1_grouped", _moe_top1_reference_op, lambda hidden_states, *args: torch.empty_like(hidden_states)
+    "moe_top1_grouped", moe_top1_reference, lambda hidden_states, *args: torch.empty_like(hidden_states)
 )
 
 
