@@ -26,6 +26,7 @@ tensors in Triton's interpreter (slow; for tests only). bf16 `tl.dot` is wrong t
 
 import math
 import os
+import platform
 from collections.abc import Callable
 
 import torch
@@ -972,7 +973,12 @@ def residual_rmsnorm(residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 # CPU inference: fp32 products through oneDNN, and the grouped MoE as one opaque op inside compiled graphs.
 # --------------------------------------------------------------------------------------------------------------------
 
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Measured on x86 (AMD EPYC) only; elsewhere (ARM: Accelerate / OpenBLAS) F.linear is left alone.
+ONEDNN_LINEAR_AVAILABLE = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
 # oneDNN pays ~20 us more per call than MKL: it wins on weights streamed from memory (>= 1 MiB in fp32), MKL on
 # small ones that stay in cache (measured: 128 x 128 at batch 16, 12 vs 33 us; 512 x 512, 91 vs 73 us).
 ONEDNN_MIN_WEIGHT_ELEMENTS = 512 * 512
@@ -1002,7 +1008,7 @@ _onednn_linear_op = _opaque_op(
 def uses_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """fp32 CPU products with weights of at least 1 MiB that autograd does not record (see `linear`)."""
     return (
-        _HAS_ONEDNN
+        ONEDNN_LINEAR_AVAILABLE
         and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
