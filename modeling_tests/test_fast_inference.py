@@ -58,6 +58,15 @@ def test_reserved_room_decodes_in_place_and_equals_the_full_forward(model):
     assert (step - model(ids[1:, :27]).logits[:, 26:]).abs().max().item() <= 1e-5
 
 
+@torch.no_grad()
+def test_cca_state_after_a_prompt_does_not_keep_the_prompt_window_alive(model):
+    cache = ZayaCache(model.config)
+    model(torch.randint(3, 101, (2, 20)), cache=cache, use_cache=True)
+    for layer in cache.layers:
+        for state in (layer.conv_state, layer.value_state):
+            assert state.untyped_storage().nbytes() == state.numel() * state.element_size()
+
+
 def test_crop_without_recording_fails_clearly(model):
     cache = ZayaCache(model.config)
     with torch.no_grad():

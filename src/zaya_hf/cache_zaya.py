@@ -56,9 +56,11 @@ class ZayaCCAStateMixin:
             self.value_state = torch.cat([self.value_state[:, :-1], value_window], dim=1)
         elif self.record_past:
             self.conv_state, self.value_state = qk_window, value_window
-        else:  # copies, not views: a view of the prefill window would keep every prompt column alive
-            self.conv_state = _last(qk_window, self.conv_width, dim=-1).clone()
-            self.value_state = value_window[:, -1:].clone()
+        else:
+            conv_state, value_state = _last(qk_window, self.conv_width, dim=-1), value_window[:, -1:]
+            if value_window.shape[1] > 2:  # a view of a multi-token window would keep all of it (a whole prompt) alive
+                conv_state, value_state = conv_state.clone(), value_state.clone()
+            self.conv_state, self.value_state = conv_state, value_state
         self.has_cca_state = True
 
     @property

@@ -1026,7 +1026,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     MKL's fp32 GEMV streams them at about half the rate oneDNN reaches on the same weights (measured on the 2-core
     AMD EPYC CI machine: 10 vs 17-28 GB/s; bench-small's 32000 x 512 LM head 6.4 -> 2.7 ms per token); its GEMMs
     are faster too (the same head over 1024 prompt tokens: 308 -> 224 ms). The two libraries differ only in
-    summation order (~1e-7 relative in fp32). bf16 products already run through oneDNN in `F.linear`.
+    summation order (~1e-6 relative in fp32). bf16 products already run through oneDNN in `F.linear`.
     """
     if not uses_onednn_linear(x, weight, bias):
         return F.linear(x, weight, bias)

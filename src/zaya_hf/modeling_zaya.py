@@ -146,7 +146,7 @@ def cpu_masked_sdpa_forward(
         query,
         key,
         value,
-        attn_mask=attention_mask[:, :, :, : key.shape[-2]],
+        attn_mask=attention_mask,
         dropout_p=dropout,
         scale=scaling,
         enable_gqa=True,
@@ -467,11 +467,12 @@ class ZayaExperts(nn.Module):
         """`hidden_states` [N, d], `choice` [N] in 0..E (E = skip), `weight` [N] -> [N, d]; skipped rows are 0."""
         if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: sorted grouped GEMMs
             return moe_top1(hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act)
-        compiling = torch.compiler.is_compiling()
         on_cpu = hidden_states.device.type == "cpu"
-        if (compiling and not (on_cpu and not torch.is_grad_enabled())) or (not on_cpu and choice.numel() <= 4):
+        # Traced through (compiled on an accelerator, or compiled training): static shapes, so gathered. A compiled
+        # CPU inference graph calls the grouped experts as one opaque op (kernels_zaya.moe_top1_grouped).
+        traced = torch.compiler.is_compiling() and (not on_cpu or torch.is_grad_enabled())
+        if traced or (not on_cpu and choice.numel() <= 4):
             return self.forward_gathered(hidden_states, choice, weight)
-        # Grouped by expert; in a compiled CPU inference graph, one opaque op (kernels_zaya.moe_top1_grouped).
         return moe_top1_grouped(
             hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act
         )
