@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import left_padded_batch, make_pair, tiny_config
+from transformers import CompileConfig
 
 from zaya_hf import ZayaCache, ZayaForCausalLM, ZayaStaticCache, predict_cache_nbytes
 from zaya_hf.kernels_zaya import ONEDNN_LINEAR_AVAILABLE, linear, uses_onednn_linear
@@ -114,17 +115,64 @@ def test_fp32_cpu_inference_products_take_onednn_and_agree_with_f_linear():
     assert weight.grad is not None
 
 
+def compiled_targets(fn, *args) -> set[str]:
+    """The ops of `fn`'s graph as torch.compile traces it (one graph, no break), after checking that the compiled
+    function returns what the eager one does."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    assert (compiled(*args) - fn(*args)).abs().max().item() <= 1e-5
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0
+    return {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+
+
 @torch.no_grad()
 def test_compiled_cpu_step_runs_the_grouped_experts_as_one_op(model):
-    """In a compiled CPU inference graph the experts run as the opaque grouped op, not the per-token gather."""
+    """In a compiled CPU inference graph of more than 2 tokens the experts run as the opaque grouped op."""
     experts = model.model.layers[0].mlp.experts
     hidden, choice, weight = torch.randn(5, model.config.hidden_size), torch.tensor([0, 3, 3, 4, 1]), torch.rand(5)
-    compiled = torch.compile(experts, fullgraph=True, dynamic=False)
-    assert (compiled(hidden, choice, weight) - experts(hidden, choice, weight)).abs().max().item() <= 1e-6
-    explanation = torch._dynamo.explain(experts)(hidden, choice, weight)
-    assert explanation.graph_break_count == 0
-    targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
-    assert "zaya_hf.moe_top1_grouped.default" in targets
+    assert "zaya_hf.moe_top1_grouped.default" in compiled_targets(experts, hidden, choice, weight)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_compiled_decode_step_multiplies_gathered_experts_in_place(model, tokens):
+    """A compiled CPU step of 1-2 tokens multiplies each token's expert weights where they lie (multiply-and-sum,
+    which Inductor fuses with the gather): no grouped op, and no bmm on a gathered copy."""
+    experts = model.model.layers[0].mlp.experts
+    hidden = torch.randn(tokens, model.config.hidden_size)
+    choice, weight = torch.tensor([3, 4][:tokens]), torch.rand(tokens)  # 4 = the skip class
+    targets = compiled_targets(experts, hidden, choice, weight)
+    assert "zaya_hf.moe_top1_grouped.default" not in targets
+    assert not any("bmm" in target or "matmul" in target for target in targets)
+
+
+@torch.no_grad()
+def test_compiled_products_of_few_rows_are_fused_reductions_equal_to_f_linear():
+    weight, bias = torch.randn(1024, 256) / 16, torch.randn(1024)
+    stack, stack_bias = torch.randn(3, 48, 256) / 16, torch.randn(3, 1, 48)  # one weight per group, as the CCA conv
+    for rows in (1, 2, 5):
+        x, grouped_x = torch.randn(rows, 1, 256), torch.randn(3, rows, 256)
+        targets = compiled_targets(linear, x, weight, bias)
+        assert (linear(x, weight, bias) - torch.nn.functional.linear(x, weight, bias)).abs().max().item() <= 1e-5
+        grouped_reference = torch.baddbmm(stack_bias, grouped_x, stack.transpose(1, 2))
+        assert (linear(grouped_x, stack, stack_bias) - grouped_reference).abs().max().item() <= 1e-5
+        grouped_targets = compiled_targets(linear, grouped_x, stack, stack_bias)
+        fused = not any("linear" in target or "baddbmm" in target for target in targets | grouped_targets)
+        assert fused == (rows <= 2), (rows, targets, grouped_targets)
+
+
+@torch.no_grad()
+def test_generate_compiles_on_cpu_when_given_a_compile_config():
+    model = make_pair(tiny_config(), seed=23)[0]  # fresh: nothing compiled yet
+    prompt = torch.randint(3, 101, (1, 7))
+    eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    compiled = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, cache_implementation="static", compile_config=config
+    )
+    assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step on CPU"
+    assert not config._compile_all_devices  # the caller's config is left alone
+    assert torch.equal(compiled, eager)
 
 
 @torch.no_grad()

@@ -1019,15 +1019,47 @@ def uses_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, except that fp32 inference products with large weights on CPU run through oneDNN, not MKL.
+# A compiled fp32 CPU inference graph multiplies a weight by at most this many rows (decode steps at batch 1-2) as
+# multiply-and-sum: Inductor fuses that into one streaming reduction, which reads the weight faster than oneDNN
+# (bench-small's 32000 x 512 head at batch 1: 2.2 vs 3.1-3.4 ms; at 4 rows oneDNN wins, 4.0 vs 6.0 ms) and needs no
+# extern call; a gathered expert weight (`weight[expert]`) is read in place instead of being copied first.
+COMPILED_MATVEC_MAX_ROWS = 2
 
-    Why: a decode step is a chain of matrix-vector products bound by how fast the weights stream from memory, and
-    MKL's fp32 GEMV streams them at about half the rate oneDNN reaches on the same weights (measured on the 2-core
-    AMD EPYC CI machine: 10 vs 17-28 GB/s; bench-small's 32000 x 512 LM head 6.4 -> 2.7 ms per token); its GEMMs
-    are faster too (the same head over 1024 prompt tokens: 308 -> 224 ms). The two libraries differ only in
-    summation order (~1e-6 relative in fp32). bf16 products already run through oneDNN in `F.linear`.
+
+def uses_compiled_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` multiplies as a fused reduction: inside a compiled fp32 CPU graph without autograd, with
+    at most `COMPILED_MATVEC_MAX_ROWS` rows of `x` per weight matrix."""
+    rows_per_matrix = x.shape[:-1].numel() // weight.shape[:-2].numel()
+    return (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and rows_per_matrix <= COMPILED_MATVEC_MAX_ROWS
+        and not _autograd_records(x, weight)
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` (`x` [..., k], `weight` [n, k] -> [..., n]), also for a stack of weights [..., n, k] that
+    multiplies `x` [..., M, k] matrix by matrix (-> [..., M, n]), with two CPU fast paths for fp32 inference:
+
+    * large weights run through oneDNN, not MKL. A decode step is a chain of matrix-vector products bound by how
+      fast the weights stream from memory, and MKL's fp32 GEMV streams them at about half the rate oneDNN reaches
+      (measured on the 2-core AMD EPYC CI machine: 10 vs 17-28 GB/s; bench-small's 32000 x 512 LM head 6.4 -> 2.7
+      ms per token); its GEMMs are faster too (the same head over 1024 prompt tokens: 308 -> 224 ms).
+    * in a compiled decode step at batch 1-2, multiply-and-sum, which Inductor fuses (`COMPILED_MATVEC_MAX_ROWS`).
+
+    Both differ from MKL only in summation order (~1e-6 relative in fp32). bf16 products already run through
+    oneDNN in `F.linear`.
     """
+    if uses_compiled_matvec(x, weight):
+        product = (x.unsqueeze(-2) * weight.unsqueeze(-3)).sum(-1)  # [..., M, 1, k] * [..., 1, n, k] -> [..., M, n]
+        return product if bias is None else product + bias
+    if weight.ndim > 2:
+        if bias is not None and x.ndim == 3:
+            return torch.baddbmm(bias, x, weight.transpose(-1, -2))
+        product = torch.matmul(x, weight.transpose(-1, -2))
+        return product if bias is None else product + bias
     if not uses_onednn_linear(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
@@ -1081,5 +1113,6 @@ __all__ = [
     "router_top1",
     "router_top1_reference",
     "use_triton_kernels",
+    "uses_compiled_matvec",
     "uses_onednn_linear",
 ]

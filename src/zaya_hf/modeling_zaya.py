@@ -4,6 +4,7 @@ The math and the rounding points follow ZAYA_ARCHITECTURE.md; the tensor names a
 `Zyphra/ZAYA1-8B` checkpoint, so state dicts move unchanged between this file, transformers, vLLM and SGLang.
 """
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -26,12 +27,14 @@ from .kernels_zaya import (
     ZayaLinear,
     cca_qk_mix,
     check_kernel_backend,
+    linear,
     moe_top1,
     moe_top1_grouped,
     residual_merge_rmsnorm,
     residual_rmsnorm,
     router_top1,
     use_triton_kernels,
+    uses_compiled_matvec,
 )
 
 logger = logging.get_logger(__name__)
@@ -235,7 +238,6 @@ class CCAProjection(nn.Module):
             cache.update_cca_state(self.layer_idx, qk_window, value_window)
         return query, key, value
 
-
     def conv_last_column(self, qk_window: torch.Tensor) -> torch.Tensor:
         """Both causal convs at the newest position only, as a state update: `[B, C, W + 1] -> [B, 1, C]`.
 
@@ -250,8 +252,8 @@ class CCAProjection(nn.Module):
             mixed = torch.addcmul(mixed, qk_window[..., tap : tap + t1], depthwise.weight[:, :, tap])
         # Grouped conv at the last position, one matmul per group: [G, B, (C/G)*t1] @ [G, (C/G)*t1, C/G].
         mixed = mixed.reshape(batch, groups, -1).transpose(0, 1)
-        weight = grouped.weight.view(groups, grouped.out_channels // groups, -1).transpose(1, 2)
-        out = torch.baddbmm(grouped.bias.view(groups, 1, -1), mixed, weight)  # [G, B, C/G]
+        weight = grouped.weight.view(groups, grouped.out_channels // groups, -1)
+        out = linear(mixed, weight, grouped.bias.view(groups, 1, -1))  # [G, B, C/G]
         return out.transpose(0, 1).reshape(batch, 1, -1)
 
 
@@ -357,9 +359,9 @@ class ZayaRouterMLP(nn.Module):
     def __init__(self, router_hidden_size: int, num_classes: int, eps: float):
         super().__init__()
         self.norm = ZayaRMSNorm(router_hidden_size, eps=eps)
-        self.fc1 = nn.Linear(router_hidden_size, router_hidden_size)
-        self.fc2 = nn.Linear(router_hidden_size, router_hidden_size)
-        self.out_proj = nn.Linear(router_hidden_size, num_classes, bias=False)
+        self.fc1 = ZayaLinear(router_hidden_size, router_hidden_size)
+        self.fc2 = ZayaLinear(router_hidden_size, router_hidden_size)
+        self.out_proj = ZayaLinear(router_hidden_size, num_classes, bias=False)
         self.act_fn = nn.GELU()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -378,7 +380,7 @@ class ZayaRouter(nn.Module):
         super().__init__()
         self.config = config
         self.num_experts = config.num_experts
-        self.down_proj = nn.Linear(config.hidden_size, config.router_hidden_size)
+        self.down_proj = ZayaLinear(config.hidden_size, config.router_hidden_size)
         self.carries_state = layer_idx > 0
         if self.carries_state:
             self.router_states_scale = nn.Parameter(torch.ones(config.router_hidden_size))
@@ -468,9 +470,12 @@ class ZayaExperts(nn.Module):
         if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: sorted grouped GEMMs
             return moe_top1(hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act)
         on_cpu = hidden_states.device.type == "cpu"
-        # Traced through (compiled on an accelerator, or compiled training): static shapes, so gathered. A compiled
-        # CPU inference graph calls the grouped experts as one opaque op (kernels_zaya.moe_top1_grouped).
-        traced = torch.compiler.is_compiling() and (not on_cpu or torch.is_grad_enabled())
+        # Traced through (compiled on an accelerator, compiled training, or a compiled CPU decode step at batch 1-2,
+        # where the gather fuses into the product: kernels_zaya.matvec): static shapes, so gathered. Other compiled
+        # CPU inference graphs call the grouped experts as one opaque op (kernels_zaya.moe_top1_grouped).
+        traced = torch.compiler.is_compiling() and (
+            not on_cpu or torch.is_grad_enabled() or uses_compiled_matvec(hidden_states, self.gate_up_proj[0])
+        )
         if traced or (not on_cpu and choice.numel() <= 4):
             return self.forward_gathered(hidden_states, choice, weight)
         return moe_top1_grouped(
@@ -482,8 +487,8 @@ class ZayaExperts(nn.Module):
         CUDA-graph friendly); cheapest for a handful of tokens on an accelerator."""
         is_expert = choice < self.num_experts
         expert = choice.clamp(max=self.num_experts - 1)  # a skipped token computes any expert; its weight is 0
-        gate, up = torch.bmm(self.gate_up_proj[expert], hidden_states[:, :, None]).squeeze(-1).chunk(2, dim=-1)
-        expert_out = torch.bmm(self.down_proj[expert], (self.act_fn(gate) * up)[:, :, None]).squeeze(-1)  # [N, d]
+        gate, up = linear(hidden_states[:, None], self.gate_up_proj[expert]).squeeze(1).chunk(2, dim=-1)  # [N, I]
+        expert_out = linear((self.act_fn(gate) * up)[:, None], self.down_proj[expert]).squeeze(1)  # [N, d]
         return (expert_out * (weight * is_expert)[:, None]).to(hidden_states.dtype)
 
 
@@ -882,6 +887,17 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
     @staticmethod
     def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
         return create_zaya_masks(config, inputs_embeds, attention_mask, cache, position_ids)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """generate() hook: a `compile_config` passed explicitly compiles the decode step on CPU too (with a static
+        cache; bench-small decodes 2-3x faster), where transformers compiles on accelerators only unless the private
+        `CompileConfig._compile_all_devices` is set."""
+        compile_config = generation_config.compile_config
+        if compile_config is not None and not compile_config._compile_all_devices:
+            compile_config = copy.copy(compile_config)  # the caller's object stays as it was
+            compile_config._compile_all_devices = True
+            generation_config.compile_config = compile_config
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
