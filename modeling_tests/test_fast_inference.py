@@ -163,13 +163,13 @@ def test_compiled_products_of_few_rows_are_fused_reductions_equal_to_f_linear():
 
 @torch.no_grad()
 def test_generate_compiles_on_cpu_when_given_a_compile_config():
+    """A left-padded batch of 2 (the fused batch 1-2 path, padding included) decodes to the eager tokens."""
     model = make_pair(tiny_config(), seed=23)[0]  # fresh: nothing compiled yet
-    prompt = torch.randint(3, 101, (1, 7))
-    eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    ids, mask, _ = left_padded_batch(seed=24, lengths=(9, 6))
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **kwargs)
     config = CompileConfig(fullgraph=True, dynamic=False)
-    compiled = model.generate(
-        prompt, max_new_tokens=6, do_sample=False, cache_implementation="static", compile_config=config
-    )
+    compiled = model.generate(ids, cache_implementation="static", compile_config=config, **kwargs)
     assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step on CPU"
     assert not config._compile_all_devices  # the caller's config is left alone
     assert torch.equal(compiled, eager)

@@ -1029,12 +1029,11 @@ COMPILED_MATVEC_MAX_ROWS = 2
 def uses_compiled_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` multiplies as a fused reduction: inside a compiled fp32 CPU graph without autograd, with
     at most `COMPILED_MATVEC_MAX_ROWS` rows of `x` per weight matrix."""
-    rows_per_matrix = x.shape[:-1].numel() // weight.shape[:-2].numel()
     return (
         torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and rows_per_matrix <= COMPILED_MATVEC_MAX_ROWS
+        and x.shape[:-1].numel() // weight.shape[:-2].numel() <= COMPILED_MATVEC_MAX_ROWS  # rows per matrix
         and not _autograd_records(x, weight)
     )
 
