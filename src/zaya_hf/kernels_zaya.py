@@ -1019,21 +1019,22 @@ def uses_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     )
 
 
-# A compiled fp32 CPU inference graph multiplies a weight by at most this many rows (decode steps at batch 1-2) as
-# multiply-and-sum: Inductor fuses that into one streaming reduction, which reads the weight faster than oneDNN
-# (bench-small's 32000 x 512 head at batch 1: 2.2 vs 3.1-3.4 ms; at 4 rows oneDNN wins, 4.0 vs 6.0 ms) and needs no
-# extern call; a gathered expert weight (`weight[expert]`) is read in place instead of being copied first.
-COMPILED_MATVEC_MAX_ROWS = 2
+# How many rows of `x` per weight matrix (decode steps at batch 1-2) a compiled CPU inference graph multiplies as
+# multiply-and-sum, per dtype: Inductor fuses that into one streaming reduction (fp32 accumulation), which reads the
+# weight faster than oneDNN (bench-small's 32000 x 512 head at batch 1: fp32 2.2 vs 3.1-3.4 ms, bf16 0.95 vs 2.2 ms)
+# and needs no extern call; a gathered expert weight (`weight[expert]`) is read in place instead of being copied.
+# With more rows oneDNN's GEMM wins (fp32 at 4 rows: 6.0 vs 4.0 ms; bf16 at 2 rows already ties).
+COMPILED_MATVEC_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 1}
 
 
 def uses_compiled_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` multiplies as a fused reduction: inside a compiled fp32 CPU graph without autograd, with
-    at most `COMPILED_MATVEC_MAX_ROWS` rows of `x` per weight matrix."""
+    """Whether `linear` multiplies as a fused reduction: inside a compiled CPU graph without autograd, with at
+    most `COMPILED_MATVEC_MAX_ROWS[dtype]` rows of `x` per weight matrix."""
     return (
         torch.compiler.is_compiling()
         and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.shape[:-1].numel() // weight.shape[:-2].numel() <= COMPILED_MATVEC_MAX_ROWS  # rows per matrix
+        and x.dtype == weight.dtype
+        and x.shape[:-1].numel() // weight.shape[:-2].numel() <= COMPILED_MATVEC_MAX_ROWS.get(x.dtype, 0)
         and not _autograd_records(x, weight)
     )
 
@@ -1046,14 +1047,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       fast the weights stream from memory, and MKL's fp32 GEMV streams them at about half the rate oneDNN reaches
       (measured on the 2-core AMD EPYC CI machine: 10 vs 17-28 GB/s; bench-small's 32000 x 512 LM head 6.4 -> 2.7
       ms per token); its GEMMs are faster too (the same head over 1024 prompt tokens: 308 -> 224 ms).
-    * in a compiled decode step at batch 1-2, multiply-and-sum, which Inductor fuses (`COMPILED_MATVEC_MAX_ROWS`).
+    * in a compiled decode step at batch 1-2 (bf16: batch 1), multiply-and-sum, which Inductor fuses
+      (`COMPILED_MATVEC_MAX_ROWS`).
 
-    Both differ from MKL only in summation order (~1e-6 relative in fp32). bf16 products already run through
+    Both differ from MKL only in summation order (~1e-6 relative in fp32). Eager bf16 products already run through
     oneDNN in `F.linear`.
     """
     if uses_compiled_matvec(x, weight):
-        product = (x.unsqueeze(-2) * weight.unsqueeze(-3)).sum(-1)  # [..., M, 1, k] * [..., 1, n, k] -> [..., M, n]
-        return product if bias is None else product + bias
+        # [..., M, 1, k] * [..., 1, n, k] -> [..., M, n], accumulated in fp32 and rounded once, as F.linear does
+        product = (x.unsqueeze(-2).float() * weight.unsqueeze(-3).float()).sum(-1)
+        return (product if bias is None else product + bias.float()).to(x.dtype)
     if weight.ndim > 2:
         if bias is not None and x.ndim == 3:
             return torch.baddbmm(bias, x, weight.transpose(-1, -2))

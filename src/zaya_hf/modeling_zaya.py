@@ -126,33 +126,37 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def cpu_masked_sdpa_forward(
+def cpu_sdpa_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA over grouped KV heads for fp32 on CPU under a mask, where transformers would expand them.
+    """SDPA on CPU over the grouped KV heads as they are, where transformers' path is slow:
 
-    With a mask, transformers' SDPA path expands the KV heads (keeping CUDA off its slow math kernel) except for
-    eager one-token steps, which it packs. torch's fp32 CPU kernel takes the mask and the grouped heads as they are
-    (same result), and the expanded copy costs more than the attention: a compiled batch-16 bench-small step with a
-    191-token static cache 517 -> 217 us a layer, a padded 64-token chunk 6.0 -> 4.6 ms. (In bf16 the grouped
-    kernel is no faster than the expansion and 8x slower than the packed one-token step, so bf16 stays on
-    transformers' path.)
+    * One-token steps: the G query heads that share a KV head go in as G query rows of that head, `[B, H, 1, D]
+      -> [B, K, G, D]`, and a `[B, 1, 1, L]` mask broadcasts over them. transformers does the same under a mask
+      (same numbers), but without one it calls SDPA with `enable_gqa`, where torch's CPU kernel runs one query row
+      per (batch, head) block, its slowest case: bench-small at batch 16 and 160 cached tokens, bf16 1.14 -> 0.12
+      ms a layer (identical numbers); fp32 only 155 -> 137 us, and off by an ulp, so unmasked fp32 keeps
+      transformers' call. Compiled, transformers expands the KV heads instead.
+    * fp32 multi-token chunks under a mask: `enable_gqa` where transformers expands the KV heads (a padded 64-token
+      chunk 6.0 -> 4.6 ms). In bf16 the grouped kernel is no faster than the expansion, so bf16 chunks stay on
+      transformers' path.
     """
+    batch, heads, length, head_dim = query.shape
+    if length == 1:
+        packed = query.reshape(batch, key.shape[1], -1, head_dim)  # [B, K, G, D]: query head h = k * G + g
+        attn_output = F.scaled_dot_product_attention(
+            packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        )
+        return attn_output.reshape(batch, 1, heads, head_dim), None  # [B, K, G, D] is [B, 1, H, D] in memory
     attn_output = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=True,
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
     )
     return attn_output.transpose(1, 2).contiguous(), None  # [B, S, H, D]
 
@@ -315,14 +319,15 @@ class ZayaAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if (
-            self.config._attn_implementation == "sdpa"
-            and attention_mask is not None
-            and query.device.type == "cpu"
-            and query.dtype == torch.float32
-            and (query.shape[2] > 1 or torch.compiler.is_compiling())
-        ):
-            attention_interface = cpu_masked_sdpa_forward
+        if self.config._attn_implementation == "sdpa" and query.device.type == "cpu":
+            fp32 = query.dtype == torch.float32
+            if query.shape[2] == 1:  # unmasked fp32 steps keep transformers' call: within ~12%, and its exact numbers
+                packable = attention_mask is None or attention_mask.shape[1] == 1
+                use_cpu_sdpa = packable and (attention_mask is not None or not fp32)
+            else:
+                use_cpu_sdpa = attention_mask is not None and fp32
+            if use_cpu_sdpa:
+                attention_interface = cpu_sdpa_forward
         attn_output, attn_weights = attention_interface(
             self,
             query,
