@@ -95,8 +95,8 @@ def test_decode_conv_state_update_equals_the_convolution(model):
 @torch.no_grad()
 @pytest.mark.parametrize("dtype, masked", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)])
 def test_one_token_attention_with_packed_query_heads_equals_transformers_sdpa(model, dtype, masked):
-    """Where the CPU one-token step packs the query heads of each KV head as query rows, it gives the numbers of
-    transformers' SDPA path (which calls `enable_gqa` without a mask and packs with one)."""
+    """Where the CPU one-token step packs the query heads of each KV head as query rows, it gives transformers'
+    numbers: exactly under a mask (transformers packs too), up to rounding without one (it calls `enable_gqa`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from zaya_hf.modeling_zaya import cpu_sdpa_forward
@@ -107,7 +107,27 @@ def test_one_token_attention_with_packed_query_heads_equals_transformers_sdpa(mo
     ours, _ = cpu_sdpa_forward(attention, query, key, value, mask, scaling=0.25)
     reference, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=0.25)
     assert ours.shape == reference.shape == (3, 1, 4, 16)
-    assert torch.equal(ours, reference)
+    if masked:
+        assert torch.equal(ours, reference)
+    else:
+        torch.testing.assert_close(ours, reference)
+
+
+@torch.no_grad()
+def test_bf16_decode_steps_equal_the_reference_bit_for_bit():
+    """The decode fast path (CCA conv as a state update, packed attention, grouped experts) rounds like
+    transformers' ZAYA in bf16: each step's logits are identical (padded batch: both pack the attention)."""
+    ours, reference = make_pair(tiny_config(cca_time0=3, cca_time1=2), seed=25, dtype=torch.bfloat16)
+    ids, mask, _ = left_padded_batch(seed=26)
+    cache = ZayaCache(ours.config)
+    logits = ours(ids, attention_mask=mask, cache=cache, use_cache=True).logits
+    expected = reference(ids, attention_mask=mask, use_cache=True)
+    for _ in range(4):
+        assert torch.equal(logits, expected.logits)
+        step = expected.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(step)], dim=-1)
+        logits = ours(step, attention_mask=mask, cache=cache, use_cache=True).logits
+        expected = reference(step, attention_mask=mask, cache=expected.past_key_values, use_cache=True)
 
 
 @torch.no_grad()
