@@ -1041,9 +1041,9 @@ def uses_compiled_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` (`x` [..., k], `weight` [n, k] -> [..., n]), also for a stack of weights [..., n, k] that
-    multiplies `x` [..., M, k] matrix by matrix (-> [..., M, n]), with two CPU fast paths for fp32 inference:
+    multiplies `x` [..., M, k] matrix by matrix (-> [..., M, n]), with two CPU fast paths for inference:
 
-    * large weights run through oneDNN, not MKL. A decode step is a chain of matrix-vector products bound by how
+    * large fp32 weights run through oneDNN, not MKL. A decode step is a chain of matrix-vector products bound by how
       fast the weights stream from memory, and MKL's fp32 GEMV streams them at about half the rate oneDNN reaches
       (measured on the 2-core AMD EPYC CI machine: 10 vs 17-28 GB/s; bench-small's 32000 x 512 LM head 6.4 -> 2.7
       ms per token); its GEMMs are faster too (the same head over 1024 prompt tokens: 308 -> 224 ms).
