@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import zaya_hf  # registers model_type "zaya" with the Auto classes
 from zaya_hf import ZayaForCausalLM
+from zaya_hf.tiny_reasoner.data import collate_right_padded
 from zaya_hf.training import LORA_PRESETS, lora_config
 
 SEPARATOR = 3  # token between the prompt and the answer; 0-2 are pad / bos / eos
@@ -39,27 +40,13 @@ class ReverseTask(Dataset):
             answer = prompt[::-1] + [eos_token_id]
             input_ids = prompt + [SEPARATOR] + answer
             labels = [-100] * (length + 1) + answer
-            self.rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+            self.rows.append({"input_ids": input_ids, "labels": labels})
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return self.rows[index]
-
-
-def pad_right(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Collate rows of different lengths: pad input_ids with the pad token, attention_mask with 0, labels with -100."""
-    width = max(len(row["input_ids"]) for row in rows)
-
-    def padded(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in rows])
-
-    return {
-        "input_ids": padded("input_ids", pad_token_id),
-        "attention_mask": padded("attention_mask", 0),
-        "labels": padded("labels", -100),
-    }
 
 
 def load_base_model(path: str | None) -> ZayaForCausalLM:
@@ -94,7 +81,7 @@ def main() -> None:
 
     train_data = ReverseTask(4096, config.vocab_size, config.eos_token_id, seed=0)
     held_out = ReverseTask(64, config.vocab_size, config.eos_token_id, seed=1)
-    collator = partial(pad_right, pad_token_id=config.pad_token_id)
+    collator = partial(collate_right_padded, pad_token_id=config.pad_token_id)
 
     training_args = TrainingArguments(
         args.output_dir,

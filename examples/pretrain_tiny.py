@@ -13,10 +13,16 @@ import argparse
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from zaya_hf import ZayaConfig, ZayaForCausalLM
-from zaya_hf.training import BiasBalancer, BiasBalancingCallback, collect_router_loads, expert_load_imbalance
+from zaya_hf.training import (
+    BiasBalancer,
+    BiasBalancingCallback,
+    LoadImbalanceLogger,
+    collect_router_loads,
+    expert_load_imbalance,
+)
 
 
 class MarkovLanguage(Dataset):
@@ -40,18 +46,6 @@ class MarkovLanguage(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[index], "labels": self.input_ids[index]}
-
-
-class ImbalanceLogger(TrainerCallback):
-    """Prints the loss with the worst layer's expert-load imbalance at the last balancer step."""
-
-    def __init__(self, balancer: BiasBalancer):
-        self.balancer = balancer
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "loss" in logs and self.balancer.last_load is not None:
-            print(f"step {state.global_step}: loss {logs['loss']:.3f}, "
-                  f"max/mean expert load {expert_load_imbalance(self.balancer.last_load).max().item():.2f}")
 
 
 @torch.no_grad()
@@ -91,7 +85,7 @@ def main() -> None:
     callbacks = []
     if not args.no_balancer:
         balancer = BiasBalancer(kp=args.kp, ki=args.ki, kd=args.kd)  # target: uniform over experts, skip 0
-        callbacks = [BiasBalancingCallback(balancer), ImbalanceLogger(balancer)]
+        callbacks = [BiasBalancingCallback(balancer), LoadImbalanceLogger(balancer)]
     training_args = TrainingArguments(
         args.output_dir,
         max_steps=args.max_steps,

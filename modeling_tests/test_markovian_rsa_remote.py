@@ -247,6 +247,29 @@ def test_a_failed_batch_stops_its_other_requests_before_returning():
     assert 1 <= retries < 100
 
 
+def test_an_abort_during_the_backoff_sends_no_further_request():
+    """The batch fails while another request sleeps in its backoff: that request wakes and gives up at once,
+    without one more attempt."""
+    calls = []
+    lock = threading.Lock()
+
+    def respond(path, body):
+        with lock:
+            calls.append(body["prompt"])
+        if body["prompt"] == [1]:
+            time.sleep(0.2)  # the other request is already waiting out its (long) backoff
+            return 400, {"error": {"message": "prompt too long"}}, {}
+        return 503, {"error": {"message": "busy"}}, {}
+
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", max_retries=3, initial_backoff=30, max_backoff=30)
+        start = time.perf_counter()
+        with pytest.raises(EndpointError, match="HTTP 400.*prompt too long"):
+            engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
+        assert time.perf_counter() - start < 10
+    assert calls.count([2]) == 1 and engine.usage.retries == 1
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [

@@ -969,6 +969,7 @@ def residual_rmsnorm(residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     (normed,) = _ResidualNormFunction.apply(None, residual, None, None, None, None, norm.weight, norm.variance_epsilon)
     return normed
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # CPU inference: fp32 products through oneDNN, and the grouped MoE as one opaque op inside compiled graphs.
 # --------------------------------------------------------------------------------------------------------------------
@@ -1023,7 +1024,8 @@ def uses_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 # multiply-and-sum, per dtype: Inductor fuses that into one streaming reduction (fp32 accumulation), which reads the
 # weight faster than oneDNN (bench-small's 32000 x 512 head at batch 1: fp32 2.2 vs 3.1-3.4 ms, bf16 0.95 vs 2.2 ms)
 # and needs no extern call; a gathered expert weight (`weight[expert]`) is read in place instead of being copied.
-# With more rows oneDNN's GEMM wins (fp32 at 4 rows: 6.0 vs 4.0 ms; bf16 at 2 rows already ties).
+# With more rows oneDNN's GEMM catches up (fp32, 4 rows) or wins (bf16, 2 rows); at batch 2 in fp32 the whole compiled
+# step is still faster fused (bench-small: 9-12 vs 13-14 ms). Per-op figures: benchmarks/bench_cpu_ops.py.
 COMPILED_MATVEC_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 1}
 
 
@@ -1070,8 +1072,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class ZayaLinear(nn.Linear):
-    """`nn.Linear` that multiplies through `linear` (oneDNN for large fp32 inference products on CPU). Same
-    parameters and state dict; PEFT and quantizers see an `nn.Linear`."""
+    """`nn.Linear` that multiplies through `linear` (its CPU inference fast paths). Same parameters and state dict;
+    PEFT and quantizers see an `nn.Linear`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return linear(input, self.weight, self.bias)

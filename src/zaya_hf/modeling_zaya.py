@@ -141,11 +141,11 @@ def cpu_sdpa_forward(
     * One-token steps: the G query heads that share a KV head go in as G query rows of that head, `[B, H, 1, D]
       -> [B, K, G, D]`, and a `[B, 1, 1, L]` mask broadcasts over them. transformers does the same under a mask
       (same numbers), but without one it calls SDPA with `enable_gqa`, where torch's CPU kernel runs one query row
-      per (batch, head) block, its slowest case: bench-small at batch 16 and 160 cached tokens, bf16 1.14 -> 0.12
-      ms a layer. The kernel then splits the keys differently, so the result can differ by an ulp at some lengths
-      (as transformers' own masked and unmasked calls do): worth it in bf16, not in fp32 (155 -> 137 us), so
-      unmasked fp32 steps keep transformers' call and its exact numbers. Compiled, transformers expands the KV
-      heads instead.
+      per (batch, head) block, its slowest case: bench-small at batch 16 and 160 cached tokens, bf16 ~1.05 -> 0.12
+      ms a layer (benchmarks/bench_cpu_ops.py). The kernel then splits the keys differently, so the result can
+      differ by an ulp at some lengths (as transformers' own masked and unmasked calls do). fp32 would gain too
+      (~0.15-0.25 -> 0.09 ms), but unmasked fp32 steps keep transformers' call so that fp32 greedy decoding stays
+      token-identical to it. Compiled, transformers expands the KV heads instead.
     * fp32 multi-token chunks under a mask: `enable_gqa` where transformers expands the KV heads (a padded 64-token
       chunk 6.0 -> 4.6 ms). In bf16 the grouped kernel is no faster than the expansion, so bf16 chunks stay on
       transformers' path.
@@ -251,20 +251,21 @@ class CCAProjection(nn.Module):
         """
         depthwise, grouped = self.conv_qk_depthwise, self.conv_qk_grouped
         groups, batch, dtype = grouped.groups, qk_window.shape[0], qk_window.dtype
-        # Both convs accumulate in fp32 and round their output to the model dtype once, as `conv1d` does (in bf16
-        # the decode step then matches the full convolution bit for bit; in fp32 the casts are no-ops).
+        # The depthwise taps accumulate in fp32 and round once, as `conv1d` does (the grouped product below does so
+        # by itself), so that a bf16 decode step matches the full convolution bit for bit; in fp32 the casts are
+        # no-ops. Depthwise outputs at the last t1 positions, one multiply-add per tap over contiguous slices:
+        # [B, C, t1].
         window = qk_window.float()
-        # Depthwise outputs at the last t1 positions, one multiply-add per tap over contiguous slices: [B, C, t1].
         t0, t1 = depthwise.kernel_size[0], grouped.kernel_size[0]
         mixed = depthwise.bias.float()[:, None].expand(qk_window.shape[1], t1)
         for tap in range(t0):
             mixed = torch.addcmul(mixed, window[..., tap : tap + t1], depthwise.weight[:, :, tap].float())
-        mixed = mixed.to(dtype).float()
+        mixed = mixed.to(dtype)
         # Grouped conv at the last position, one matmul per group: [G, B, (C/G)*t1] @ [G, (C/G)*t1, C/G].
         mixed = mixed.reshape(batch, groups, -1).transpose(0, 1)
-        weight = grouped.weight.view(groups, grouped.out_channels // groups, -1).float()
-        out = linear(mixed, weight, grouped.bias.float().view(groups, 1, -1))  # [G, B, C/G]
-        return out.to(dtype).transpose(0, 1).reshape(batch, 1, -1)
+        weight = grouped.weight.view(groups, grouped.out_channels // groups, -1)
+        out = linear(mixed, weight, grouped.bias.view(groups, 1, -1))  # [G, B, C/G]
+        return out.transpose(0, 1).reshape(batch, 1, -1)
 
 
 class ZayaQKNorm(nn.Module):
@@ -327,7 +328,7 @@ class ZayaAttention(nn.Module):
         )
         if self.config._attn_implementation == "sdpa" and query.device.type == "cpu":
             fp32 = query.dtype == torch.float32
-            if query.shape[2] == 1:  # unmasked fp32 steps keep transformers' call: within ~12%, and exact
+            if query.shape[2] == 1:  # unmasked fp32 steps keep transformers' call and its exact numbers
                 packable = attention_mask is None or attention_mask.shape[1] == 1
                 use_cpu_sdpa = packable and (attention_mask is not None or not fp32)
             else:
@@ -482,8 +483,9 @@ class ZayaExperts(nn.Module):
             return moe_top1(hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act)
         on_cpu = hidden_states.device.type == "cpu"
         # Traced through (compiled on an accelerator, compiled training, or a compiled CPU decode step at batch 1-2,
-        # where the gather fuses into the product: kernels_zaya.linear): static shapes, so gathered. Other compiled
-        # CPU inference graphs call the grouped experts as one opaque op (kernels_zaya.moe_top1_grouped).
+        # where the gather fuses into the product: kernels_zaya.linear; `gate_up_proj[0]` is one expert's matrix, for
+        # its rows-per-matrix count): static shapes, so gathered. Other compiled CPU inference graphs call the grouped
+        # experts as one opaque op (kernels_zaya.moe_top1_grouped).
         traced = torch.compiler.is_compiling() and (
             not on_cpu or torch.is_grad_enabled() or uses_compiled_matvec(hidden_states, self.gate_up_proj[0])
         )

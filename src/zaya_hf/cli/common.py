@@ -57,6 +57,11 @@ def pick_device(device: str | None) -> torch.device:
     return device
 
 
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`--dtype` as a torch dtype; "auto" is bfloat16 on GPU, float32 otherwise."""
+    return DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def load_tokenizer(name: str | None):
     from transformers import AutoTokenizer
 
@@ -74,7 +79,7 @@ def load_model(args: argparse.Namespace):
     import zaya_hf  # noqa: F401  (registers the zaya classes with the Auto classes)
 
     device = pick_device(args.device)
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = pick_dtype(args.dtype, device)
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(args.model)
     try:

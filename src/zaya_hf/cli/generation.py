@@ -44,16 +44,19 @@ def add_chat_parser(subparsers) -> None:
 def encode_prompt(tokenizer, messages: list[dict] | None, raw_text: str | None = None) -> list[int]:
     if raw_text is not None:
         return tokenizer(raw_text)["input_ids"]
+    from ..generation_zaya import encode_chat
+
     if tokenizer.chat_template is None:
         raise CommandError("this tokenizer has no chat template: use --raw to feed the prompt as is.")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_chat(tokenizer, messages)
 
 
 @torch.no_grad()
 def reply(model, tokenizer, prompt_ids: list[int], args, num_return_sequences: int = 1, stream: bool = True) -> list[str]:
     """Sampled (or greedy) completions of `prompt_ids`, EOS removed, special tokens kept except padding/EOS."""
     from transformers import TextStreamer
+
+    from ..generation_zaya import LocalGenerationEngine
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -67,7 +70,7 @@ def reply(model, tokenizer, prompt_ids: list[int], args, num_return_sequences: i
         num_return_sequences=num_return_sequences,
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        **({"do_sample": False} if "do_sample" in sampling else {"do_sample": True, "top_k": 0, **sampling}),
+        **LocalGenerationEngine.generation_kwargs(sampling),
     )
     return [tokenizer.decode(row, skip_special_tokens=True) for row in output[:, input_ids.shape[1]:]]
 

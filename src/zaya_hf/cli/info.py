@@ -6,7 +6,9 @@ from collections import Counter
 
 import torch
 
-from .common import DTYPES, CommandError, add_model_arguments, load_model, pick_device, positive_int, resolve_model
+from .common import (
+    DTYPES, CommandError, add_model_arguments, load_model, pick_device, pick_dtype, positive_int, resolve_model,
+)
 
 
 def add_info_parser(subparsers) -> None:
@@ -51,6 +53,7 @@ def describe(config, seq_len: int, cache_dtype: torch.dtype) -> dict:
 
     layer_types = Counter(config.layer_types)
     fixed = predict_cache_nbytes(config, 1, 0, cache_dtype)
+    per_token = predict_cache_nbytes(config, 1, 1, cache_dtype) - fixed
     full_layers = layer_types.get("hybrid", 0)
     return {
         "model_type": config.model_type,
@@ -69,10 +72,8 @@ def describe(config, seq_len: int, cache_dtype: torch.dtype) -> dict:
         "cache": {
             "dtype": str(cache_dtype).removeprefix("torch."),
             # Growth per token while every layer still grows (short contexts); sliding layers stop at their window.
-            "bytes_per_token": predict_cache_nbytes(config, 1, 1, cache_dtype) - fixed,
-            "bytes_per_token_per_layer": (
-                (predict_cache_nbytes(config, 1, 1, cache_dtype) - fixed) // config.num_hidden_layers
-            ),
+            "bytes_per_token": per_token,
+            "bytes_per_token_per_layer": per_token // config.num_hidden_layers,
             "full_attention_layers": full_layers,
             "fixed_bytes_per_sequence": fixed,
             "seq_len": seq_len,
@@ -146,14 +147,13 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.model is not None:
             raise CommandError("--bench-small and --model are exclusive.")
         device = pick_device(args.device)
-        dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = pick_dtype(args.dtype, device)
         ours = build_bench_small(args.seed).to(device, dtype).eval()
         name = "bench-small"
     else:
         ours, _ = load_model(args)
         device, dtype, name = ours.device, ours.dtype, args.model or "embedded default model"
-    reference = None if args.no_reference else reference_twin(ours.float()).to(device, dtype).eval()
-    ours = ours.to(dtype)
+    reference = None if args.no_reference else reference_twin(ours).to(device, dtype).eval()
     torch.manual_seed(args.seed)
     steps = len(args.batch_sizes) + 1
     with tqdm(total=steps, desc="bench", unit="measurement", leave=False) as bar:

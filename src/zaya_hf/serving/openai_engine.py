@@ -99,8 +99,9 @@ class OpenAICompletionsEngine:
             try:
                 return self._request_once(path, body)
             except _TransientError as error:
+                abandoned = EndpointError(f"{self.base_url}{path} abandoned after {error}: the batch failed")
                 if abort.is_set():
-                    raise EndpointError(f"{self.base_url}{path} abandoned after {error}: the batch failed") from error
+                    raise abandoned from error
                 if attempt == self.max_retries:
                     raise EndpointError(
                         f"{self.base_url}{path} still failing after {self.max_retries + 1} attempts: {error}"
@@ -108,7 +109,8 @@ class OpenAICompletionsEngine:
                 with self._usage_lock:
                     self.usage.retries += 1
                 delay = self.initial_backoff * 2**attempt if error.retry_after is None else error.retry_after
-                abort.wait(min(delay, self.max_backoff))
+                if abort.wait(min(delay, self.max_backoff)):  # set during the backoff: no retry
+                    raise abandoned from error
         raise AssertionError("unreachable")
 
     def _request_once(self, path: str, body: dict | None) -> dict:

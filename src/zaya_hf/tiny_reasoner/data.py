@@ -8,6 +8,7 @@ Two kinds of supervised examples, both as chat turns with the loss on the assist
   solution. This mirrors how ZAYA1-8B was trained for the method.
 """
 
+import itertools
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 def tokenizer_corpus(seed: int, num_problems: int, spec: TaskSpec = TaskSpec()) -> Iterator[str]:
     """The texts the tokenizer is trained on: questions, right and wrong solutions, aggregation prompts."""
     rng = random.Random(seed)
-    for problem in _take(iter_problems(seed, "train", spec), num_problems):
+    for problem in itertools.islice(iter_problems(seed, "train", spec), num_problems):
         tails = [problem.solution(), flawed_solution(problem, rng)]
         yield problem.question
         yield from tails
@@ -130,7 +131,7 @@ class TinyReasonerStream(torch.utils.data.IterableDataset):
         problems = iter_problems(self.seed + 1, "train", self.spec)
         while True:
             aggregate = rng.random() < self.aggregation_fraction
-            for problem in _take(problems, self.batch_size):
+            for problem in itertools.islice(problems, self.batch_size):
                 if aggregate:
                     yield self.builder.aggregate(problem, self.builder.candidate_tails(problem, rng))
                 else:
@@ -149,11 +150,6 @@ def collate_right_padded(examples: list[dict], pad_token_id: int) -> dict:
         labels[row, :length] = torch.tensor(example["labels"])
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def _take(iterator: Iterator, count: int) -> Iterator:
-    for _, item in zip(range(count), iterator):
-        yield item
 
 
 __all__ = [

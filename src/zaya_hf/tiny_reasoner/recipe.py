@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from ..configuration_zaya import ZayaConfig
 from ..modeling_zaya import ZayaForCausalLM
-from ..training import BiasBalancingCallback, expert_load_imbalance
+from ..training import BiasBalancingCallback, LoadImbalanceLogger, expert_load_imbalance
 from .data import AggregationMix, ExampleBuilder, TinyReasonerStream, collate_right_padded, tokenizer_corpus, train_tokenizer
 from .evaluation import evaluate_greedy
 from .task import TaskSpec, held_out_problems
@@ -77,19 +77,6 @@ class TinyReasonerRecipe:
         )
 
 
-class LoadImbalanceLogger(TrainerCallback):
-    """Prints the worst layer's expert load imbalance (max / mean, 1.0 = balanced) whenever Trainer logs."""
-
-    def __init__(self, balancing: BiasBalancingCallback):
-        self.balancing = balancing
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        load = self.balancing.balancer.last_load
-        if load is not None:
-            print(f"step {state.global_step}: expert load imbalance (worst layer) "
-                  f"{expert_load_imbalance(load).max().item():.2f}")
-
-
 def train_tiny_reasoner(
     recipe: TinyReasonerRecipe,
     output_dir: str | os.PathLike,
@@ -140,7 +127,7 @@ def train_tiny_reasoner(
             args=args,
             train_dataset=dataset,
             data_collator=functools.partial(collate_right_padded, pad_token_id=tokenizer.pad_token_id),
-            callbacks=[balancing, LoadImbalanceLogger(balancing)] if balancing else None,
+            callbacks=[balancing, LoadImbalanceLogger(balancing.balancer)] if balancing else None,
         )
         train_output = trainer.train()
     train_seconds = time.perf_counter() - start
@@ -186,4 +173,4 @@ def save_without_remote_code(model: ZayaForCausalLM, output_dir: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["LoadImbalanceLogger", "TinyReasonerRecipe", "save_without_remote_code", "train_tiny_reasoner"]
+__all__ = ["TinyReasonerRecipe", "save_without_remote_code", "train_tiny_reasoner"]

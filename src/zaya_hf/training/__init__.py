@@ -3,6 +3,7 @@
 from .balancing import (
     BiasBalancer,
     BiasBalancingCallback,
+    LoadImbalanceLogger,
     collect_router_loads,
     expert_load_imbalance,
     zaya_routers,
@@ -15,6 +16,7 @@ __all__ = [
     "LORA_TARGET_PARAMETERS",
     "BiasBalancer",
     "BiasBalancingCallback",
+    "LoadImbalanceLogger",
     "collect_router_loads",
     "expert_load_imbalance",
     "lora_config",

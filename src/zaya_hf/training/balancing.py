@@ -70,7 +70,7 @@ class BiasBalancer:
 
     where `initial` are the biases found at the first step and m is the layer's mean decision margin over the
     step's tokens: best minus second-best biased router probability. Errors sum to zero over the classes (loads
-    and targets both sum to 1), so the controller never drifts the biases' mean.
+    and targets both sum to 1), so the controller (without `max_offset`) never drifts the biases' mean.
 
     Why the margin: the biases add to the router *probabilities* before the top-1 choice (they never change the
     expert weighting), and a bias step re-routes the tokens whose margin is smaller than the step. How sharp the
@@ -153,11 +153,12 @@ class BiasBalancer:
             "scale_by_margin": self.scale_by_margin,
         }
 
-    def target_for(self, num_classes: int) -> torch.Tensor:
-        """The target load per class [E+1] for a model with `num_classes` = E+1 router classes."""
+    def target_for(self, num_classes: int, device: torch.device | None = None) -> torch.Tensor:
+        """The target load per class [E+1] for a model with `num_classes` = E+1 router classes (the default one built
+        on `device`, so that a step copies nothing from the host)."""
         if self.target_load is None:
             num_experts = num_classes - 1
-            target = torch.full((num_classes,), (1.0 - self.skip_load) / num_experts)
+            target = torch.full((num_classes,), (1.0 - self.skip_load) / num_experts, device=device)
             target[-1] = self.skip_load
             return target
         if self.target_load.numel() != num_classes:
@@ -178,7 +179,7 @@ class BiasBalancer:
             dist.all_reduce(margin_sums, group=self.process_group)
         tokens = counts.sum(dim=-1, keepdim=True)  # [L, 1]
         load = counts.float() / tokens.clamp_min(1)
-        scale = margin_sums[:, None] / tokens.clamp_min(1) if self.scale_by_margin else torch.ones_like(load[:, :1])
+        scale = margin_sums[:, None] / tokens.clamp_min(1) if self.scale_by_margin else 1.0
         active = tokens > 0  # stays on device: no host sync
         biases = torch.stack([router.balancing_biases for router in routers]).float()
         if self.initial_biases is None:
@@ -191,12 +192,13 @@ class BiasBalancer:
             )
         self._to_device(biases.device)
 
-        error = torch.where(active, self.target_for(biases.shape[-1]).to(biases.device) - load, 0.0)
+        error = torch.where(active, self.target_for(biases.shape[-1], biases.device) - load, 0.0)
         self.integral += scale * error
         if self.max_offset is not None and self.ki > 0:
             self.integral.clamp_(-self.max_offset / self.ki, self.max_offset / self.ki)
         derivative = torch.zeros_like(error) if self.previous_error is None else error - self.previous_error
-        offset = scale * (self.kp * error + self.kd * torch.where(active, derivative, 0.0)) + self.ki * self.integral
+        # Inactive layers' offsets are discarded below (they keep their biases), whatever their derivative.
+        offset = scale * (self.kp * error + self.kd * derivative) + self.ki * self.integral
         if self.max_offset is not None:
             offset = offset.clamp(-self.max_offset, self.max_offset)
         new_biases = torch.where(active, self.initial_biases + offset, biases)
@@ -208,7 +210,7 @@ class BiasBalancer:
         return load
 
     def _to_device(self, device: torch.device) -> None:
-        for name in ("initial_biases", "integral", "previous_error"):
+        for name in ("initial_biases", "integral", "previous_error", "target_load"):
             value = getattr(self, name)
             if value is not None and value.device != device:
                 setattr(self, name, value.to(device))
@@ -285,9 +287,25 @@ class BiasBalancingCallback(TrainerCallback, ExportableState):
         self.balancer.step(model)
 
 
+class LoadImbalanceLogger(TrainerCallback):
+    """Prints, on the main process whenever Trainer logs, the loss (when logged) and the worst layer's expert load
+    imbalance (max / mean, 1.0 = balanced) at the balancer's last step."""
+
+    def __init__(self, balancer: BiasBalancer):
+        self.balancer = balancer
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        load = self.balancer.last_load
+        if state.is_world_process_zero and load is not None:
+            loss = f"loss {logs['loss']:.3f}, " if logs and "loss" in logs else ""
+            print(f"step {state.global_step}: {loss}expert load imbalance (worst layer) "
+                  f"{expert_load_imbalance(load).max().item():.2f}")
+
+
 __all__ = [
     "BiasBalancer",
     "BiasBalancingCallback",
+    "LoadImbalanceLogger",
     "collect_router_loads",
     "expert_load_imbalance",
     "zaya_routers",
