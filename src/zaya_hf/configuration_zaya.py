@@ -8,6 +8,7 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 ZAYA_LAYER_TYPES = ("hybrid", "hybrid_sliding")
 ZAYA_KERNEL_BACKENDS = ("auto", "torch", "triton")
@@ -28,10 +29,11 @@ class ZayaConfig(PreTrainedConfig):
         Weight of the optional Switch-style load-balancing loss added when `output_router_logits=True`.
         ZAYA balances experts with the bias controller instead, so it is off by default.
     kernel_backend (`str`, defaults to `"torch"`):
-        `"auto"` runs the fused Triton kernels of `kernels_zaya.py` on CUDA/ROCm tensors when triton is installed
-        and the torch path otherwise; `"torch"` always runs the torch path; `"triton"` requires the kernels.
-        The default stays `"torch"` until the kernels have been validated on GPU hardware (they have only run in
-        Triton's CPU interpreter so far). Other loaders of the checkpoint ignore this field.
+        `"triton"` replaces the forwards of the CCA projection, router, experts and residual norms by the fused
+        Triton kernels of the zaya_hf package (`zaya_hf.ops`, CUDA/ROCm), chosen once when the model is built;
+        `"auto"` does so where the package, triton and a GPU are present; `"torch"` never does. The default stays
+        `"torch"` until the kernels have been validated on GPU hardware (they have only run in Triton's CPU
+        interpreter so far). Other loaders of the checkpoint ignore this field.
 
     ```python
     >>> from zaya_hf import ZayaConfig, ZayaForCausalLM
@@ -87,6 +89,11 @@ class ZayaConfig(PreTrainedConfig):
         self.rope_parameters = {k: v for k, v in self.rope_parameters.items() if k != "rope_type"}
         super().__post_init__(**kwargs)
 
+    @property
+    def cca_conv_width(self) -> int:
+        """Columns of pre-convolution q/k history a CCA layer needs: `(cca_time0 - 1) + (cca_time1 - 1)`."""
+        return (self.cca_time0 - 1) + (self.cca_time1 - 1)
+
     def validate_architecture(self):
         """Fail early, with the field named, on configs the model cannot run."""
         if self.num_experts_per_tok != 1:
@@ -116,6 +123,12 @@ class ZayaConfig(PreTrainedConfig):
             params = self.rope_parameters.get(layer_type)
             if params is None:
                 raise ValueError(f"rope_parameters has no entry for layer type '{layer_type}'.")
+            rope_type = params.get("rope_type", "default")
+            if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(
+                    f"rope_type {rope_type!r} of '{layer_type}' is not a RoPE type transformers implements; expected "
+                    f"one of {['default', *ROPE_INIT_FUNCTIONS]}."
+                )
             rotary_dim = int(self.head_dim * params.get("partial_rotary_factor", 1.0))
             if rotary_dim % 2 != 0 or not 0 < rotary_dim <= self.head_dim:
                 raise ValueError(
