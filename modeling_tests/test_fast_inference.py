@@ -10,10 +10,7 @@ from transformers import CompileConfig, StaticCache
 from zaya_hf import ZayaCache, ZayaForCausalLM, predict_cache_nbytes
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch: Dynamo's per-function recompile limit (8) counts across tests otherwise."""
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.fixture(scope="module")

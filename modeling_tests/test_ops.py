@@ -20,10 +20,7 @@ from zaya_hf.ops.cpu import (
 )
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch: Dynamo's per-function recompile limit (8) counts across tests otherwise."""
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ def on_triton_device(tensor: torch.Tensor) -> bool:
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
+
 def _tl_dtypes(dtype: torch.dtype):
     """(storage dtype, dot operand dtype) for a model dtype: bf16 dots run in fp32 under the interpreter."""
     if dtype not in _TL_DTYPES:
@@ -45,18 +46,22 @@ def _tl_dtypes(dtype: torch.dtype):
     dot_dtype = tl.float32 if INTERPRET and dtype == torch.bfloat16 else _TL_DTYPES[dtype]
     return _TL_DTYPES[dtype], dot_dtype
 
+
 # Device functions called from kernels. The interpreter re-patches triton.language on every nested jit call
 # (milliseconds each), so there they stay plain Python functions, which it runs the same way.
 _device_function = (lambda fn: fn) if INTERPRET else triton.jit
+
 
 def _configs(*configs):
     # `@triton.autotune` with several configs needs a GPU driver to benchmark them.
     return list(configs[:1]) if INTERPRET else list(configs)
 
+
 @_device_function
 def _round(x, DTYPE: tl.constexpr):
     """Round fp32 `x` to DTYPE and back: a rounding point of the torch path."""
     return x.to(DTYPE).to(tl.float32)
+
 
 @_device_function
 def _mma(a, b, acc, DOT_DTYPE: tl.constexpr):
@@ -66,11 +71,14 @@ def _mma(a, b, acc, DOT_DTYPE: tl.constexpr):
     else:
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
 
+
 @_device_function
 def _gelu(x):
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
+
 # ---------------------------------------------------------------- CCA projection tail
+
 
 @_device_function
 def _conv_input(
@@ -90,6 +98,7 @@ def _conv_input(
         x += tl.load(state_ptr + state_offsets, mask=mask & ~in_sequence, other=0.0).to(tl.float32)
     return x
 
+
 @_device_function
 def _grouped_conv_tap(
     depthwise_out, weight_ptr, channel0, out_offset, out_count, tap, in_cols, in_mask, acc,
@@ -101,6 +110,7 @@ def _grouped_conv_tap(
     offsets = (channel0 + out_offset + out_cols)[None, :] * (HEAD_DIM * T1) + in_cols[:, None] * T1 + tap
     w = tl.load(weight_ptr + offsets, mask=in_mask[:, None] & (out_cols < out_count)[None, :], other=0.0)
     return _mma(depthwise_out, w, acc, DOT_DTYPE)
+
 
 @_device_function
 def _mixed_head_slice(
@@ -128,6 +138,7 @@ def _mixed_head_slice(
         key_val = tl.load(k_row + (head // GROUP) * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
         residual = _round(query_val + key_val, DTYPE) * 0.5
     return _round(mixed + residual, DTYPE)
+
 
 @triton.jit
 def _cca_qk_mix_kernel(
@@ -244,6 +255,7 @@ def _cca_qk_mix_kernel(
                 previous = tl.zeros([BLOCK_M, BLOCK_D], dtype=DTYPE)
             tl.store(window_rows + w, previous, mask=first)
 
+
 def _cca_launch(query, key, conv_state, dw_weight, dw_bias, gw_weight, gw_bias, key_temperature, cos, sin, return_window):
     batch, seq_len, _ = query.shape
     kv_heads = key_temperature.numel()
@@ -282,7 +294,9 @@ def _cca_launch(query, key, conv_state, dw_weight, dw_bias, gw_weight, gw_bias, 
         outputs.append(out.transpose(1, 2))  # [B, S, heads, D] view
     return outputs[0], outputs[1], window if return_window else None
 
+
 # ---------------------------------------------------------------- top-1 MoE
+
 
 @_device_function
 def _expert_tile(offsets_ptr, tile, NUM_CLASSES: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -301,6 +315,7 @@ def _expert_tile(offsets_ptr, tile, NUM_CLASSES: tl.constexpr, BLOCK_CLASSES: tl
     row_end = tl.sum(tl.where(selected, end, 0), 0)
     return expert, row_start, row_end
 
+
 _MOE_CONFIGS = _configs(
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
@@ -309,11 +324,13 @@ _MOE_CONFIGS = _configs(
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
 )
 
+
 def _fit_moe_tiles(configs, named_args, **kwargs):
     """fp32 operands double the bytes of a tile: drop the widest tiles, which exceed MI300X's 64 KB LDS."""
     if kwargs["DOT_DTYPE"] != tl.float32:
         return configs
     return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64]
+
 
 # Tuned per problem size and per load regime (tokens per expert, bucketed), so decode gets its own choice.
 _moe_autotune = triton.autotune(
@@ -321,6 +338,7 @@ _moe_autotune = triton.autotune(
     key=["HIDDEN", "INTERMEDIATE", "rows_bucket"],
     prune_configs_by={"early_config_prune": _fit_moe_tiles},
 )
+
 
 @_moe_autotune
 @triton.jit
@@ -357,6 +375,7 @@ def _moe_gate_up_kernel(
         tl.store(h_ptr + rows[:, None].to(tl.int64) * INTERMEDIATE + cols[None, :], activated.to(DTYPE),
                  mask=row_mask[:, None] & col_mask[None, :])
 
+
 @_moe_autotune
 @triton.jit
 def _moe_down_kernel(
@@ -390,6 +409,7 @@ def _moe_down_kernel(
     elif expert == NUM_EXPERTS:
         tl.store(out_rows, tl.zeros([BLOCK_M, BLOCK_N], dtype=DTYPE), mask=out_mask)
 
+
 def _moe_launch(hidden_states, choice, weight, gate_up_proj, down_proj):
     num_tokens, hidden = hidden_states.shape
     num_experts, intermediate = down_proj.shape[0], down_proj.shape[-1]
@@ -419,7 +439,9 @@ def _moe_launch(hidden_states, choice, weight, gate_up_proj, down_proj):
     )
     return output
 
+
 # ---------------------------------------------------------------- router
+
 
 @triton.jit
 def _router_top1_kernel(
@@ -488,6 +510,7 @@ def _router_top1_kernel(
     tl.store(weight_ptr + rows, weight.to(DTYPE), mask=row_mask)
     tl.store(choice_ptr + rows, choice.to(tl.int64), mask=row_mask)
 
+
 def _router_launch(router_hidden, router_state, router_states_scale, norm_weight, eps, fc1_weight, fc1_bias,
                    fc2_weight, fc2_bias, out_weight, balancing_biases):
     *lead, router_dim = router_hidden.shape
@@ -512,7 +535,9 @@ def _router_launch(router_hidden, router_state, router_states_scale, norm_weight
     )
     return logits.view(*lead, num_classes), weight.view(lead), choice.view(lead), new_state.view(*lead, router_dim)
 
+
 # ---------------------------------------------------------------- residual merge + RMSNorm
+
 
 @_device_function
 def _load_row_params(hs_scale_ptr, hs_bias_ptr, res_scale_ptr, res_bias_ptr, cols, mask):
@@ -522,6 +547,7 @@ def _load_row_params(hs_scale_ptr, hs_bias_ptr, res_scale_ptr, res_bias_ptr, col
     res_scale = tl.load(res_scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
     res_bias = tl.load(res_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
     return hs_scale, hs_bias, res_scale, res_bias
+
 
 @triton.jit
 def _residual_norm_fwd_kernel(
@@ -550,6 +576,7 @@ def _residual_norm_fwd_kernel(
         norm_weight = tl.load(norm_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         tl.store(u_ptr + offsets, (_round(x * rstd[:, None], DTYPE) * norm_weight[None, :]).to(DTYPE), mask=mask)
         tl.store(rstd_ptr + rows, rstd, mask=rows < num_rows)
+
 
 @triton.jit
 def _residual_norm_bwd_kernel(
@@ -612,12 +639,14 @@ def _residual_norm_bwd_kernel(
     tl.store(partial_row + 3 * param_stride, grad_res_bias, mask=col_mask)
     tl.store(partial_row + 4 * param_stride, grad_norm_weight, mask=col_mask)
 
+
 def _residual_norm_blocks(hidden: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps): about 4096 elements per program on a GPU; 16 rows when interpreting,
     where every program costs the same Python overhead."""
     block_d = triton.next_power_of_2(hidden)
     block_rows = 16 if INTERPRET else max(1, 4096 // block_d)
     return block_rows, block_d, 4 if block_rows * block_d <= 4096 else 8
+
 
 class _ResidualNormFunction(torch.autograd.Function):
     """Autograd wrapper of the residual/norm kernels. Modes: merge + norm, merge only (norm_weight None), or
