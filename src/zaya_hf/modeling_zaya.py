@@ -695,8 +695,8 @@ class ZayaModel(ZayaPreTrainedModel):
             attention_mask, use_cache = check_packed_inputs(attention_mask, cache, use_cache)
         if use_cache is None:
             use_cache = self.config.use_cache and not (self.training and torch.is_grad_enabled())
-        if use_cache and cache is None:
-            cache = ZayaCache(self.config)
+        if use_cache and cache is None:  # as transformers' models do; generate() brings a ZayaCache
+            cache = DynamicCache(config=self.config)
         if cache is not None:
             check_cache(cache, self.config.num_hidden_layers)
         if position_ids is None:
@@ -746,7 +746,7 @@ def packed_sequence_positions(
     position_ids = position_ids.expand(batch, seq_len)
     restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
     if attention_mask is not None and attention_mask.ndim == 2:
-        real = attention_mask.bool()
+        real = attention_mask[:, -seq_len:].bool()  # the mask may cover cached tokens too
         restarts = restarts & real[:, 1:] & real[:, :-1]
     if not torch.compiler.is_compiling() and not bool(restarts.any()):
         return None
