@@ -108,6 +108,12 @@ def model(tokenizer):
     return tiny_rsa_model(tokenizer, seed=3)
 
 
+def configured_engine(url: str, **kwargs) -> OpenAICompletionsEngine:
+    """An engine whose request form is configured (token-id prompts, non-standard fields): it negotiates nothing,
+    so a refusal is the answer to the rollout itself."""
+    return OpenAICompletionsEngine(url, prompt_format="tokens", extensions=True, **kwargs)
+
+
 PARAMS = dict(rounds=2, population=4, subset_size=2, rollout_tokens=6, tail_tokens=3, sampling=GREEDY, seed=9)
 
 
@@ -164,7 +170,8 @@ def test_concurrent_requests_respect_the_limit():
         return 200, scripted_completion(body), {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_concurrency=limit)
+        # The request form is configured: negotiating it would send the first rollout alone.
+        engine = configured_engine(url, model="m", max_concurrency=limit)
         batch = engine.generate([[1, 2, 3]] * 6, max_new_tokens=8, sampling={}, seed=None)
     assert in_flight[1] == limit
     assert [c.text for c in batch.completions] == ["<think> w </think> \\boxed{3}"] * 6
@@ -205,7 +212,7 @@ def test_persistent_failures_give_up_after_the_retries():
         return 502, {"error": "bad gateway"}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_retries=2, initial_backoff=0.01)
+        engine = configured_engine(url, model="m", max_retries=2, initial_backoff=0.01)
         with pytest.raises(EndpointError, match="after 3 attempts: HTTP 502"):
             engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
     assert len(calls) == 3
@@ -219,7 +226,7 @@ def test_client_errors_are_not_retried():
         return 400, {"error": {"message": "max_tokens is too large"}}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", initial_backoff=0.01)
+        engine = configured_engine(url, model="m", initial_backoff=0.01)
         with pytest.raises(EndpointError, match="HTTP 400.*max_tokens is too large"):
             engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
     assert len(calls) == 1
@@ -238,7 +245,7 @@ def test_a_failed_batch_stops_its_other_requests_before_returning():
         return 503, {"error": {"message": "busy"}}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_retries=100, initial_backoff=0.02, max_backoff=0.02)
+        engine = configured_engine(url, model="m", max_retries=100, initial_backoff=0.02, max_backoff=0.02)
         with pytest.raises(EndpointError, match="HTTP 400.*prompt too long"):
             engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
         seen, retries = len(calls), engine.usage.retries
@@ -262,7 +269,7 @@ def test_an_abort_during_the_backoff_sends_no_further_request():
         return 503, {"error": {"message": "busy"}}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_retries=3, initial_backoff=30, max_backoff=30)
+        engine = configured_engine(url, model="m", max_retries=3, initial_backoff=30, max_backoff=30)
         start = time.perf_counter()
         with pytest.raises(EndpointError, match="HTTP 400.*prompt too long"):
             engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
@@ -291,7 +298,7 @@ def test_malformed_responses_raise_a_clear_error(payload, message):
 def test_model_discovery_and_url_checks():
     with serve(lambda path, body: (200, {"data": []}, {})) as url:
         with pytest.raises(MalformedResponseError, match="pass model="):
-            OpenAICompletionsEngine(url + "/v1/")
+            OpenAICompletionsEngine(url + "/v1/").model
     with pytest.raises(ValueError, match="http"):
         OpenAICompletionsEngine("127.0.0.1:8000", model="m")
     assert OpenAICompletionsEngine("http://127.0.0.1:1/v1/", model="m").base_url == "http://127.0.0.1:1/v1"
