@@ -1,6 +1,9 @@
 """Markovian RSA against a real OpenAI-compatible HTTP server on 127.0.0.1, started by the tests in a thread."""
 
+import copy
 import json
+import select
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -9,22 +12,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 from rsa_fixtures import QUESTION, make_tokenizer, tiny_rsa_model
+from tokenizers import processors
 
-from zaya_hf.generation_zaya import MarkovianRSAConfig
+from zaya_hf.generation_zaya import MarkovianRSAConfig, encode_chat
 from zaya_hf.serving import (
+    Cancellation,
     EndpointError,
+    EndpointTimeoutError,
     MalformedResponseError,
     MarkovianRSAConfig as ServingConfig,
     OpenAICompletionsEngine,
+    RequestCancelled,
+    RequestForm,
     run_markovian_rsa,
 )
+from zaya_hf.serving.openai_engine import STANDARD_COMPLETION_FIELDS
 
 GREEDY = {"do_sample": False}
 
 
 class OpenAIHandler(BaseHTTPRequestHandler):
     """Routes POST /v1/completions and GET /v1/models to the server's `respond(path, body)`, which returns
-    `(status, payload, headers)`, or None to drop the connection without answering."""
+    `(status, payload, headers)`, None to drop the connection without answering, or a callable that writes the
+    answer itself (`behaviour(handler)`: trickling, stalling)."""
 
     def do_GET(self):
         self._answer(self.server.respond(self.path, None))
@@ -35,6 +45,10 @@ class OpenAIHandler(BaseHTTPRequestHandler):
 
     def _answer(self, reply):
         if reply is None:
+            self.close_connection = True
+            return
+        if callable(reply):
+            reply(self)
             self.close_connection = True
             return
         status, payload, headers = reply
@@ -141,7 +155,7 @@ def test_remote_run_equals_the_local_run(model, tokenizer):
 def test_sampling_parameters_are_sent_as_openai_fields():
     engine = OpenAICompletionsEngine("http://127.0.0.1:1", model="m", extra_body={"stop": ["END"]})  # no request
     body = engine.request_body([1, 2], 16, {"temperature": 0.6, "top_k": 40, "repetition_penalty": 1.1}, seed=5)
-    assert body == {"model": "m", "prompt": [1, 2], "max_tokens": 16, "n": 1, "stream": False,
+    assert body == {"model": "m", "prompt": [1, 2], "max_tokens": 16, "stream": False,
                     "skip_special_tokens": False, "temperature": 0.6, "top_p": 1.0, "top_k": 40,
                     "repetition_penalty": 1.1, "seed": 5, "stop": ["END"]}
 
@@ -302,3 +316,196 @@ def test_model_discovery_and_url_checks():
     with pytest.raises(ValueError, match="http"):
         OpenAICompletionsEngine("127.0.0.1:8000", model="m")
     assert OpenAICompletionsEngine("http://127.0.0.1:1/v1/", model="m").base_url == "http://127.0.0.1:1/v1"
+
+
+# -- deadlines: a server that trickles or stalls cannot hold a rollout past them ------------------------------------
+
+
+def client_left(handler, seconds: float) -> bool:
+    """Wait up to `seconds` for the client to close its connection; whether it did."""
+    connection = handler.connection
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        readable, _, _ = select.select([connection], [], [], 0.05)
+        if readable and connection.recv(1, socket.MSG_PEEK) == b"":
+            return True
+    return False
+
+
+class Misbehaving:
+    """Answers every completion request by trickling (one byte per `interval` of a long body, for at most 10 s) or
+    by stalling (headers never sent; waits at most 10 s for the client to leave), counting requests and clients
+    that left."""
+
+    def __init__(self, mode: str, interval: float = 0.25):
+        self.mode, self.interval = mode, interval
+        self.requests = self.left = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, path, body):
+        with self.lock:
+            self.requests += 1
+        return self.trickle if self.mode == "trickle" else self.stall
+
+    def trickle(self, handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", "1000")
+        handler.end_headers()
+        try:
+            for _ in range(int(10 / self.interval)):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(self.interval)
+        except OSError:  # the client closed the connection
+            with self.lock:
+                self.left += 1
+
+    def stall(self, handler):
+        if client_left(handler, 10.0):
+            with self.lock:
+                self.left += 1
+
+
+def test_a_trickling_server_fails_at_the_deadline():
+    """One byte every 0.25 s never trips a per-read timeout: the attempt's wall-clock limit (1 s) ends the first
+    attempt, the rollout's deadline (1.6 s) the second, counted as one retry."""
+    server = Misbehaving("trickle")
+    with serve(server) as url:
+        engine = configured_engine(url, model="m", timeout=1.0, deadline=1.6, max_retries=5, initial_backoff=0.05)
+        start = time.monotonic()
+        with pytest.raises(EndpointTimeoutError, match=r"deadline of 1.6 s \(2 attempts"):
+            engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
+        elapsed = time.monotonic() - start
+    assert 1.6 <= elapsed < 1.6 + 0.75
+    assert engine.usage.retries == 1 and server.requests == 2
+
+
+def test_a_stalled_server_fails_after_the_counted_retries():
+    server = Misbehaving("stall")
+    with serve(server) as url:
+        engine = configured_engine(url, model="m", timeout=0.5, deadline=30, max_retries=2, initial_backoff=0.05)
+        start = time.monotonic()
+        with pytest.raises(EndpointError, match=r"still failing after 3 attempts: no complete answer within 0.5 s"):
+            engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
+        elapsed = time.monotonic() - start
+        deadline = time.monotonic() + 5
+        while server.left < 3 and time.monotonic() < deadline:  # the server notices each abandoned attempt
+            time.sleep(0.05)
+    assert 1.5 <= elapsed < 1.5 + 0.75
+    assert engine.usage.retries == 2 and server.requests == 3 and server.left == 3
+
+
+def test_a_cancellation_closes_the_requests_in_flight():
+    server = Misbehaving("stall")
+    cancellation = Cancellation()
+    with serve(server) as url:
+        engine = configured_engine(url, model="m", max_concurrency=2)
+        outcome = []
+
+        def run():
+            try:
+                engine.generate([[1], [2], [3]], max_new_tokens=4, sampling={}, seed=None, cancellation=cancellation)
+            except RequestCancelled as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while server.requests < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cancellation.cancel()
+        thread.join(timeout=5)
+        while (server.left < 2 or engine.usage.cancelled < 2) and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+    assert len(outcome) == 1
+    # Two rollouts were in flight (the cap), the third never started: two requests closed, two counted.
+    assert server.requests == 2 and server.left == 2 and engine.usage.cancelled == 2
+
+
+# -- request forms: servers that refuse token-id prompts or non-standard fields --------------------------------------
+
+
+class TransformersServeLike:
+    """Refuses what `transformers serve` refuses (fields outside OpenAI's schema: 422; token-id prompts: 400) and
+    tokenizes text prompts as it does (`tokenizer(prompt)`, special tokens added), recording the ids it got."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.refused = 0
+        self.prompt_ids = []
+        self.lock = threading.Lock()
+
+    def __call__(self, path, body):
+        unexpected = set(body) - STANDARD_COMPLETION_FIELDS
+        with self.lock:
+            if unexpected:
+                self.refused += 1
+                return 422, {"detail": f"Unexpected fields in the request: {unexpected}"}, {}
+            if not isinstance(body["prompt"], str):
+                self.refused += 1
+                return 400, {"detail": "prompt must be a string."}, {}
+            ids = self.tokenizer(body["prompt"])["input_ids"]
+            self.prompt_ids.append(ids)
+        return 200, {"choices": [{"text": "<think> 3 </think> \\boxed{7}", "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": len(ids), "completion_tokens": 5}}, {}
+
+
+def bos_adding(tokenizer):
+    """A copy of `tokenizer` whose encoding adds `<bos>` itself, as Gemma-style tokenizers (and ZAYA1's) do."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_a_server_that_refuses_token_ids_and_extensions_gets_exact_text_prompts(tokenizer, adds_bos):
+    tokenizer = bos_adding(tokenizer) if adds_bos else tokenizer
+    server = TransformersServeLike(tokenizer)
+    config = MarkovianRSAConfig(rounds=1, population=3, subset_size=2, rollout_tokens=8, tail_tokens=4, seed=1,
+                                sampling={"temperature": 0.8})
+    with serve(server) as url, OpenAICompletionsEngine(url, model="m", tokenizer=tokenizer) as engine:
+        result = run_markovian_rsa(engine, QUESTION, tokenizer, config, progress=False)
+        form = engine.form
+    assert form == RequestForm(token_prompts=False, extensions=False)
+    assert server.refused == 3  # negotiated once: (ids, extensions), (ids), (text, extensions) refused
+    # Every prompt the server tokenized is exactly the one the algorithm built (no doubled BOS, no drift).
+    built = [length for record in result.rounds for length in record.prompt_lengths]
+    assert [len(ids) for ids in server.prompt_ids] == built and len(built) == 6
+    question_ids = encode_chat(tokenizer, [{"role": "user", "content": QUESTION}])
+    assert server.prompt_ids[0] == question_ids and question_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_text_prompts_of_the_embedded_tokenizer_re_encode_exactly():
+    from transformers import AutoTokenizer
+
+    from zaya_hf import default_model_path
+    from zaya_hf.generation_zaya import aggregation_messages, candidate_tail
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    engine = OpenAICompletionsEngine("http://127.0.0.1:1", model="m", tokenizer=tokenizer)  # sends nothing
+    tails = [candidate_tail("<think>\n7+5-3\n=12-3\n=9\n</think>\n\\boxed{9} é ✓", 6, "tokens", tokenizer)] * 2
+    prompts = [encode_chat(tokenizer, [{"role": "user", "content": "Compute 7+5-3.  Café ✓ \t x"}]),
+               encode_chat(tokenizer, aggregation_messages(None, "Compute 7+5-3.", tails))]
+    for ids in prompts:
+        assert tokenizer(engine.prompt_text(ids), add_special_tokens=True)["input_ids"] == ids
+    engine.close()
+
+
+def test_refused_extensions_are_an_error_when_the_sampling_needs_them(tokenizer):
+    with serve(TransformersServeLike(tokenizer)) as url:
+        engine = OpenAICompletionsEngine(url, model="m", tokenizer=tokenizer)
+        with pytest.raises(EndpointError, match="refuses non-standard fields, so the sampling's top_k=40"):
+            engine.generate([[1, 2]], max_new_tokens=4, sampling={"temperature": 0.6, "top_k": 40}, seed=None)
+
+
+def test_token_id_prompts_need_a_tokenizer_where_refused():
+    def respond(path, body):
+        return (400, {"detail": "prompt must be a string."}, {}) if not isinstance(body["prompt"], str) else None
+
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", extensions=False)
+        with pytest.raises(EndpointError, match="refused every request form.*text prompts: no tokenizer="):
+            engine.generate([[1, 2]], max_new_tokens=4, sampling={}, seed=None)

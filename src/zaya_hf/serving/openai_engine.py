@@ -378,7 +378,7 @@ class OpenAICompletionsEngine:
         as "no top-k"), so the model's generation_config cannot add them."""
         form = form or RequestForm(token_prompts=True, extensions=True)
         body = {"model": self._model, "prompt": prompt if form.token_prompts else self.prompt_text(prompt),
-                "max_tokens": max_new_tokens, "n": 1, "stream": False}
+                "max_tokens": max_new_tokens, "stream": False}
         named = {key: sampling[key] for key in EXTENSION_SAMPLING_KEYS if key in sampling}
         if is_greedy(sampling):
             body["temperature"] = 0.0
