@@ -296,28 +296,26 @@ class OpenAICompletionsEngine:
         return payload
 
     async def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        """`_attempt`, retried on transient failures within the deadline."""
-        start = time.monotonic()
+        """`_attempt`, retried on transient failures while the deadline allows."""
+        end = None if self.deadline is None else time.monotonic() + self.deadline
         for attempt in itertools.count():
-            remaining = None if self.deadline is None else self.deadline - (time.monotonic() - start)
             try:
-                return await self._attempt(method, path, body, self.timeout if remaining is None else
-                                           min(self.timeout, remaining))
+                timeout = self.timeout if end is None else min(self.timeout, end - time.monotonic())
+                return await self._attempt(method, path, body, timeout)
             except _TransientError as error:
-                remaining = None if self.deadline is None else self.deadline - (time.monotonic() - start)
-                if remaining is not None and remaining <= 0:
-                    raise EndpointTimeoutError(
-                        f"{self.base_url}{path}: no answer within the deadline of {self.deadline:.3g} s "
-                        f"({attempt + 1} attempts; last: {error})"
-                    ) from None
                 if attempt == self.max_retries:
                     raise EndpointError(
                         f"{self.base_url}{path} still failing after {self.max_retries + 1} attempts: {error}"
                     ) from None
-                self.usage.retries += 1
                 delay = self.initial_backoff * 2**attempt * random.uniform(0.8, 1.2)
                 delay = min(delay if error.retry_after is None else error.retry_after, self.max_backoff)
-                await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+                if end is not None and time.monotonic() + delay >= end:
+                    raise EndpointTimeoutError(
+                        f"{self.base_url}{path}: no answer within the deadline of {self.deadline:.3g} s "
+                        f"({attempt + 1} attempts; last: {error})"
+                    ) from None
+                self.usage.retries += 1
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def served_model(self) -> str:
