@@ -123,9 +123,9 @@ class Cancellation:
 
 
 class _TransientError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, timed_out: bool = False):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.timed_out = retry_after, timed_out
 
 
 class _RefusedError(EndpointError):
@@ -278,9 +278,10 @@ class OpenAICompletionsEngine:
         try:
             response = await asyncio.wait_for(self._client.request(method, url, json=body), timeout)
         except asyncio.TimeoutError:
-            raise _TransientError(f"no complete answer within {timeout:.3g} s") from None
+            raise _TransientError(f"no complete answer within {timeout:.3g} s", timed_out=True) from None
         except httpx.HTTPError as error:  # refused / reset / dropped connections, transport timeouts
-            raise _TransientError(f"{type(error).__name__}: {error}") from None
+            timed_out = isinstance(error, httpx.TimeoutException)
+            raise _TransientError(f"{type(error).__name__}: {error}", timed_out=timed_out) from None
         if response.status_code >= 400:
             detail = response.text[:500]
             if response.status_code in TRANSIENT_STATUS:
@@ -303,8 +304,8 @@ class OpenAICompletionsEngine:
                 timeout = self.timeout if end is None else min(self.timeout, end - time.monotonic())
                 return await self._attempt(method, path, body, timeout)
             except _TransientError as error:
-                if attempt == self.max_retries:
-                    raise EndpointError(
+                if attempt == self.max_retries:  # a server that never answered in time is a timeout
+                    raise (EndpointTimeoutError if error.timed_out else EndpointError)(
                         f"{self.base_url}{path} still failing after {self.max_retries + 1} attempts: {error}"
                     ) from None
                 delay = self.initial_backoff * 2**attempt * random.uniform(0.8, 1.2)
