@@ -25,6 +25,7 @@ FORWARDED = {
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
+    from .eval import add_eval_parser
     from .generation import add_chat_parser, add_generate_parser
     from .info import add_bench_parser, add_info_parser
     from .rsa import add_rsa_parser
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(subparsers)
     add_rsa_parser(subparsers)
     add_serve_parser(subparsers)
+    add_eval_parser(subparsers)
     add_info_parser(subparsers)
     add_bench_parser(subparsers)
     for name, (help_text, _) in FORWARDED.items():
