@@ -49,8 +49,10 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from ..tiny_reasoner import DEMO_RSA_SETTINGS
 
-    if args.method == "single" and args.rounds not in (None, 0):
-        raise CommandError("--rounds goes with --method rsa; single rollouts have round 0 only.")
+    if args.method == "single":
+        if args.rounds not in (None, 0):
+            raise CommandError("--rounds goes with --method rsa; single rollouts have round 0 only.")
+        args.rounds = 0
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise CommandError(f"--plot {args.plot}: the plot is a PNG; give a path ending in .png.")
     try:

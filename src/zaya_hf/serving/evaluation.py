@@ -191,6 +191,8 @@ def interval_95(values: Sequence[float], binary: bool) -> tuple[float, float]:
         denominator = 1 + Z_95**2 / n
         centre = (mean + Z_95**2 / (2 * n)) / denominator
         half = Z_95 * math.sqrt(mean * (1 - mean) / n + Z_95**2 / (4 * n * n)) / denominator
+        if mean in (0.0, 1.0):  # the interval reaches the bound exactly (no rounding just short of it)
+            return (0.0, centre + half) if mean == 0.0 else (centre - half, 1.0)
     else:
         variance = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
         centre, half = mean, Z_95 * math.sqrt(variance / n)
