@@ -309,3 +309,13 @@ def test_a_body_written_for_zyphras_proxy_works_unchanged(tokenizer):
     # Tails are whitespace words: each of the 4 candidates the prompt reads is its 10 reasoning words.
     assert prompt[0]["content"].count(" ".join(["w"] * 10)) == 4
     assert json.loads(json.dumps(explicit.json()))  # plain JSON, as Zyphra's clients expect
+
+
+def test_the_serve_rsa_command_fails_in_one_line_on_bad_options(capsys):
+    from zaya_hf.cli.main import main
+
+    assert main(["serve-rsa", "--tokenizer", "x"]) == 2
+    assert "--tokenizer goes with --upstream" in capsys.readouterr().err
+    assert main(["serve-rsa", "--upstream", "http://127.0.0.1:9", "--timeout", "0.5", "--deadline", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--upstream http://127.0.0.1:9:" in err and "deadline of 1 s" in err

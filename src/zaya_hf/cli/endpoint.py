@@ -2,6 +2,8 @@
 `serve-rsa --upstream`, and the engine built from them."""
 
 import argparse
+import sys
+from pathlib import Path
 
 from .common import CommandError, load_tokenizer, positive_int
 
@@ -16,7 +18,7 @@ def add_endpoint_arguments(parser: argparse.ArgumentParser, url_flag: str = "--e
                        help="base URL of an OpenAI-compatible server (vLLM, SGLang, transformers serve)")
     group.add_argument("--served-model", help="model name on the server (default: the first it serves)")
     group.add_argument("--tokenizer", help=f"tokenizer folder or Hub id for {url_flag} (default: --model's, else the "
-                       "served model's name)")
+                       "served model's folder when it is one here, else the embedded model's)")
     group.add_argument("--api-key", default=None, help="sent as a bearer token")
     group.add_argument("--max-concurrency", type=positive_int, default=16,
                        help="upstream requests in flight at most (default 16)")
@@ -45,10 +47,11 @@ def endpoint_engine(args: argparse.Namespace, flag: str = "--endpoint"):
         served = engine.model
     except (ValueError, EndpointError) as error:
         raise CommandError(f"{flag} {args.endpoint}: {error}") from None
-    if tokenizer is None:  # the served model's name is its folder or Hub id
-        try:
-            engine.tokenizer = tokenizer = load_tokenizer(served)
-        except CommandError as error:
-            engine.close()
-            raise CommandError(f"{flag} {args.endpoint} serves {served!r}; pass --tokenizer ({error})") from None
+    if tokenizer is None:
+        # vLLM and transformers serve name a model by its folder: where that folder is here, it has the tokenizer.
+        source = served if Path(served).is_dir() else None
+        if source is None:
+            print(f"{flag} {args.endpoint} serves {served!r}: using the embedded model's tokenizer (pass --tokenizer "
+                  "for another model).", file=sys.stderr)
+        engine.tokenizer = tokenizer = load_tokenizer(source)
     return engine, tokenizer

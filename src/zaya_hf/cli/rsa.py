@@ -40,7 +40,8 @@ def rollout_engine(args: argparse.Namespace):
     if args.endpoint:
         return endpoint_engine(args)
     if args.tokenizer or args.served_model:
-        raise CommandError("--tokenizer and --served-model go with --endpoint; a local --model brings its own.")
+        option = "--tokenizer" if args.tokenizer else "--served-model"
+        raise CommandError(f"{option} goes with --endpoint; a local --model brings its own tokenizer and name.")
     model, tokenizer = load_model(args)
     return LocalGenerationEngine(model, tokenizer), tokenizer
 

@@ -37,7 +37,8 @@ def build_backend(args: argparse.Namespace):
         engine, tokenizer = endpoint_engine(args, flag="--upstream")
         return UpstreamBackend(engine, tokenizer)
     if args.tokenizer or args.served_model:
-        raise CommandError("--tokenizer and --served-model go with --upstream; a local --model brings its own.")
+        option = "--tokenizer" if args.tokenizer else "--served-model"
+        raise CommandError(f"{option} goes with --upstream; a local --model brings its own tokenizer and name.")
     model, tokenizer = load_model(args)
     return LocalBackend(model, tokenizer, args.served_model_name or args.model or EMBEDDED_MODEL_NAME)
 

@@ -49,7 +49,16 @@ from .openai_engine import (
     OpenAICompletionsEngine,
     RequestCancelled,
 )
-from .rsa_request import RequestError, RSARequest, is_rsa_request, parse_rsa_request, strip_rsa_fields
+from .rsa_request import (
+    RequestError,
+    RSARequest,
+    _Fields,
+    _messages,
+    _sampling,
+    is_rsa_request,
+    parse_rsa_request,
+    strip_rsa_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,10 @@ class UpstreamBackend:
     @property
     def model_name(self) -> str:
         return self.engine.model
+
+    async def start(self) -> None:
+        """Ask the upstream for its model now (not on the first request, from the server's loop)."""
+        await asyncio.wrap_future(self.engine.run(self.engine.served_model()))
 
     def rollout_engine(self, cancellation: Cancellation, max_concurrency: int | None):
         return _BoundEngine(self.engine.generate, cancellation=cancellation, max_concurrency=max_concurrency)
@@ -123,8 +136,8 @@ class UpstreamBackend:
 
 
 class LocalBackend:
-    """A model in this process. One batch runs at a time (the model's device is the cap); a cancelled request
-    stops at its next round."""
+    """A model in this process. One batch runs at a time (the model's device is the cap, so `rsa_max_concurrency`,
+    a cap on upstream calls, has nothing to limit here); a cancelled request stops at its next round."""
 
     def __init__(self, model, tokenizer, model_name: str):
         self.engine = LocalGenerationEngine(model, tokenizer)
@@ -144,6 +157,9 @@ class LocalBackend:
 
     def upstream_usage(self) -> None:
         return None
+
+    async def start(self) -> None:
+        pass
 
     async def plain(self, method: str, path: str, body: dict | None) -> Response:
         """Plain chat and text completions, generated here (no RSA)."""
@@ -222,8 +238,6 @@ class _PlainRequest:
 
     @classmethod
     def parse(cls, body: dict, chat: bool, tokenizer, default_max_tokens: int, model: str) -> "_PlainRequest":
-        from .rsa_request import _Fields, _messages, _sampling
-
         unknown = sorted(set(body) - cls.FIELDS - ({"prompt"} if chat else {"messages"}))
         unknown += ["prompt"] if chat and "prompt" in body else ["messages"] if not chat and "messages" in body else []
         if unknown:
@@ -387,6 +401,7 @@ def build_app(backend, *, max_request_tokens: int | None = None, max_active_requ
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await backend.start()
         yield
         workers.shutdown(wait=False, cancel_futures=True)
 
