@@ -114,7 +114,9 @@ def main() -> None:
     if args.endpoint:
         from zaya_hf.serving import OpenAICompletionsEngine
 
-        engine = OpenAICompletionsEngine(args.endpoint, model=args.served_model, max_concurrency=args.max_concurrency)
+        engine = OpenAICompletionsEngine(
+            args.endpoint, model=args.served_model, max_concurrency=args.max_concurrency, tokenizer=tokenizer
+        )
         result = run_markovian_rsa(engine, args.question, tokenizer, config)
         print(f"server usage: {engine.usage}")
     else:

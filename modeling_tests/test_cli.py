@@ -13,7 +13,7 @@ import zaya_hf
 from zaya_hf.cli import main
 from zaya_hf.cli.common import CommandError, resolve_model
 
-SUBCOMMANDS = ["demo", "generate", "chat", "rsa", "info", "bench", "convert", "export"]
+SUBCOMMANDS = ["demo", "generate", "chat", "rsa", "info", "bench", "convert", "export", "serve-rsa", "eval"]
 # Markovian RSA shrunk to seconds: 1 aggregation round over 2 candidates.
 SMALL_RSA = ["--rounds", "1", "--population", "2", "--subset-size", "2", "--rollout-tokens", "48", "--tail-tokens", "32"]
 
