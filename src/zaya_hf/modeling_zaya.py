@@ -5,10 +5,12 @@ The math and the rounding points follow ZAYA_ARCHITECTURE.md; the tensor names a
 """
 
 import copy
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -17,11 +19,11 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, load_state_dict
 from transformers.utils import logging
 
 from .cache_zaya import ZayaCache, ZayaStaticCache
-from .configuration_zaya import ZayaConfig
+from .configuration_zaya import CheckpointError, InvalidConfigError, ZayaConfig
 from .generation_zaya import ZayaGenerationMixin
 from .kernels_zaya import (
     ZayaLinear,
@@ -613,12 +615,28 @@ def create_zaya_masks(
     return masks
 
 
-class MissingWeightsError(ValueError):
-    """A checkpoint lacks tensors the model needs."""
+# What can be wrong with a checkpoint's weights. The root, `CheckpointError`, and `InvalidConfigError` live with the
+# config (config.json is read first); `zaya_hf.checkpoints` raises these same classes.
 
 
-class MismatchedWeightsError(ValueError):
-    """A checkpoint tensor has a different shape than the model's (usually a config that does not fit the weights)."""
+class CorruptCheckpointError(CheckpointError):
+    """A weights file is truncated or unreadable, or an index and its shards disagree about where a tensor is."""
+
+
+class MissingWeightsError(CheckpointError):
+    """Tensors the model needs are not in the checkpoint."""
+
+
+class UnexpectedWeightsError(CheckpointError):
+    """The checkpoint holds tensors the model has no place for: loading or converting it would drop them."""
+
+
+class MismatchedWeightsError(CheckpointError):
+    """A tensor's shape differs from the one the configuration implies (usually a config.json that does not fit)."""
+
+
+class InvalidWeightsError(CheckpointError):
+    """A tensor holds what no weight can be: a non-floating dtype (which loading would silently cast), or NaN/inf."""
 
 
 # The Auto classes a saved folder answers to when this code travels with it (trust_remote_code).
@@ -632,6 +650,65 @@ REMOTE_CODE_AUTO_MAP = {
 def _preview(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# safetensors header dtype names -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool, "U8": torch.uint8,
+    "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32,
+    "I64": torch.int64, "U64": torch.uint64,
+}  # fmt: skip
+
+
+def _stored_dtypes(state_dict: dict | None, checkpoint_files: list[str] | None) -> Iterator[tuple[str, torch.dtype, str]]:
+    """(name, dtype, where) of every stored tensor, from the safetensors headers (no data read) or the state dict."""
+    if state_dict is not None:
+        yield from ((name, tensor.dtype, "the state dict") for name, tensor in state_dict.items())
+        return
+    for file in checkpoint_files or []:
+        if not file.endswith(".safetensors"):
+            yield from ((name, tensor.dtype, file) for name, tensor in load_state_dict(file, map_location="meta").items())
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                headers = [(name, handle.get_slice(name).get_dtype()) for name in handle.keys()]
+        except SafetensorError as error:
+            raise CorruptCheckpointError(f"{file} is truncated or corrupt: {error}.") from None
+        yield from ((name, SAFETENSORS_DTYPES.get(dtype, torch.uint8), file) for name, dtype in headers)
+
+
+def check_floating(name: str, dtype: torch.dtype, where: str) -> None:
+    if not dtype.is_floating_point:
+        raise InvalidWeightsError(
+            f"{name} is stored as {str(dtype).removeprefix('torch.')} in {where}: ZAYA weights are floating point, "
+            "and an integer tensor would be cast silently."
+        )
+
+
+def count_non_finite(tensors: list[torch.Tensor]) -> list[int]:
+    """NaN/inf values per tensor (all on one device), cheaply: one sum per tensor and one host sync, as a NaN or an
+    inf makes a sum non-finite. Only a non-finite sum is re-checked element-wise (the sum may merely overflow)."""
+    finite = torch.isfinite(torch.stack([tensor.sum().float() for tensor in tensors])).tolist()
+    return [0 if ok else int((~torch.isfinite(tensor)).sum()) for tensor, ok in zip(tensors, finite)]
+
+
+def non_finite_error(bad: list[tuple[str, int]], where: str) -> InvalidWeightsError:
+    """The error for tensors holding NaN/inf: (name, count) pairs, found in `where` (a file, a checkpoint)."""
+    return InvalidWeightsError(f"{_preview([f'{name} holds {count} NaN/inf value(s)' for name, count in bad])} in {where}.")
+
+
+def _check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse NaN/inf weights, checked on the device each tensor was loaded to."""
+    by_device = defaultdict(dict)
+    for name, tensor in model.state_dict().items():  # a tied tensor is listed under each name: checked once
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            by_device[tensor.device].setdefault(tensor.data_ptr(), (name, tensor))
+    for named in by_device.values():
+        names, tensors = zip(*named.values())
+        bad = [(name, count) for name, count in zip(names, count_non_finite(list(tensors))) if count]
+        if bad:
+            raise non_finite_error(bad, where)
 
 
 class ZayaPreTrainedModel(PreTrainedModel):
@@ -649,31 +726,59 @@ class ZayaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, except that a checkpoint missing any tensor raises instead of leaving
-        it randomly initialised (pass `allow_missing_weights=True` to start from a partial checkpoint on purpose).
-        Wrong-shaped tensors raise too, unless `ignore_mismatched_sizes=True`."""
+        """`PreTrainedModel.from_pretrained`, strict: a checkpoint that does not fit the model raises a
+        `CheckpointError` naming the tensor or file, instead of loading random, cast or garbage weights:
+
+        * `MissingWeightsError`: tensors the model needs are absent (`allow_missing_weights=True` initialises them
+          randomly, on purpose);
+        * `UnexpectedWeightsError`: tensors the model has no place for;
+        * `MismatchedWeightsError`: wrong shapes (unless `ignore_mismatched_sizes=True`, as in transformers);
+        * `InvalidWeightsError`: a non-floating dtype (read from the file headers) or NaN/inf values (one sum per
+          tensor where it was loaded; see `count_non_finite`);
+        * `CorruptCheckpointError`: a truncated or unreadable safetensors file.
+
+        With `output_loading_info=True` missing and unexpected tensors are reported in the returned info, as
+        transformers reports them, instead of raised."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         # Load with mismatches reported rather than raised, so that the error below can name them.
         model, loading_info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        where = f"checkpoint {source}" if source is not None else "state dict"
         mismatched = sorted(loading_info["mismatched_keys"])
         if mismatched and not ignore_mismatched_sizes:
             details = [f"{key} (checkpoint {tuple(ckpt)}, model {tuple(expected)})" for key, ckpt, expected in mismatched]
             raise MismatchedWeightsError(
-                f"The checkpoint has {len(mismatched)} tensor(s) of the wrong shape for {cls.__name__}: "
+                f"The {where} has {len(mismatched)} tensor(s) of the wrong shape for {cls.__name__}: "
                 f"{_preview(details)}. Check that config.json matches the weights."
             )
-        missing = sorted(loading_info["missing_keys"])
-        if missing and not allow_missing_weights:
-            unexpected = sorted(loading_info["unexpected_keys"])
+        missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
+        if missing and not (allow_missing_weights or output_loading_info):
             raise MissingWeightsError(
-                f"The checkpoint lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
+                f"The {where} lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
                 + (f"; it has {len(unexpected)} unexpected one(s): {_preview(unexpected)}" if unexpected else "")
                 + ". Refusing to initialise them randomly (allow_missing_weights=True to do so on purpose)."
             )
+        if unexpected and not output_loading_info:
+            raise UnexpectedWeightsError(
+                f"The {where} holds {len(unexpected)} tensor(s) {cls.__name__} has no place for: {_preview(unexpected)}. "
+                "Check that config.json matches the weights (output_loading_info=True reports them instead)."
+            )
+        _check_finite_weights(model, f"the {where}")
         return (model, loading_info) if output_loading_info else model
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """transformers' loader (`from_pretrained` calls it with the resolved files), after refusing stored weights of
+        a non-floating dtype, which it would cast to the model's dtype without a word. Reads only the headers."""
+        if not load_config.is_quantized:  # quantized checkpoints store integer weights by design
+            expected = set(model.state_dict())
+            for name, dtype, where in _stored_dtypes(state_dict, checkpoint_files):
+                if name in expected:
+                    check_floating(name, dtype, where)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` (and so `push_to_hub`). When the code travels with the checkpoint
@@ -947,4 +1052,15 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             model_kwargs["cache"].activate_past_recording()
 
 
-__all__ = ["MismatchedWeightsError", "MissingWeightsError", "ZayaPreTrainedModel", "ZayaModel", "ZayaForCausalLM"]
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "InvalidConfigError",
+    "InvalidWeightsError",
+    "MismatchedWeightsError",
+    "MissingWeightsError",
+    "UnexpectedWeightsError",
+    "ZayaPreTrainedModel",
+    "ZayaModel",
+    "ZayaForCausalLM",
+]
