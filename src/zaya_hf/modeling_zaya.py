@@ -639,6 +639,59 @@ class InvalidWeightsError(CheckpointError):
     """A tensor holds what no weight can be: a non-floating dtype (which loading would silently cast), or NaN/inf."""
 
 
+def position_limit(config: ZayaConfig) -> int | None:
+    """How many positions the model may run on: `max_position_embeddings` when every layer type uses the default
+    RoPE; None (no limit) when one uses another `rope_type`, a scaled RoPE being the config's claim to run longer."""
+    rope_types = {config.rope_parameters[t].get("rope_type", "default") for t in set(config.layer_types)}
+    return config.max_position_embeddings if rope_types == {"default"} else None
+
+
+def check_model_inputs(
+    config: ZayaConfig,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
+) -> None:
+    """Refuse, with the problem named, inputs the model would otherwise fail on cryptically: not exactly one of
+    `input_ids` / `inputs_embeds`, other than [batch, sequence(, hidden)], empty, token ids outside
+    [0, vocab_size), positions past `position_limit`. Runs once per forward (one host sync for the data-dependent
+    checks) and once per `generate()` call, never inside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if input_ids is not None and input_ids.ndim != 2:
+        hint = "; add the batch dimension: input_ids[None]" if input_ids.ndim == 1 else ""
+        raise ValueError(f"input_ids must be 2-D [batch, sequence], got shape {tuple(input_ids.shape)}{hint}.")
+    if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ValueError(
+            f"inputs_embeds must be [batch, sequence, {config.hidden_size}], got shape {tuple(inputs_embeds.shape)}."
+        )
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"Empty input of shape {tuple(inputs.shape)}: every sequence needs at least one token.")
+    if inputs.device.type == "meta":
+        return
+    limit = position_limit(config)
+    stats = list(input_ids.aminmax()) if input_ids is not None else []
+    if limit is not None and position_ids is not None:
+        stats.append(position_ids.max())
+    values = torch.stack([stat.long() for stat in stats]).tolist() if stats else []  # the one host sync
+    if input_ids is not None:
+        bad = values[0] if values[0] < 0 else values[1]
+        if not 0 <= bad < config.vocab_size:
+            raise ValueError(f"Token id {bad} is out of range: ids must be in [0, {config.vocab_size}) (vocab_size).")
+    if limit is not None:
+        past = cache.get_seq_length() if cache is not None else 0
+        last = values[-1] if position_ids is not None else past + inputs.shape[1] - 1
+        if last >= limit:
+            raise ValueError(
+                f"Position {last} is past max_position_embeddings ({limit}): the default RoPE was not trained that "
+                "far. Shorten the input, or configure a scaled rope_type in rope_parameters to run longer."
+            )
+
+
 # The Auto classes a saved folder answers to when this code travels with it (trust_remote_code).
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_zaya.ZayaConfig",
@@ -849,8 +902,7 @@ class ZayaModel(ZayaPreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if "past_key_values" in kwargs:  # deprecated alias, as in transformers
             cache = kwargs.pop("past_key_values") if cache is None else cache
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, cache)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -1001,6 +1053,23 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def _prepare_model_inputs(self, inputs, bos_token_id, model_kwargs):
+        """generate() hook, once per call: the prompt is checked before transformers indexes into it."""
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        check_model_inputs(self.config, **{input_name: inputs_tensor})
+        return inputs_tensor, input_name, model_kwargs
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """generate() hook, once per call: a generation that would run past `position_limit` fails before it starts."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = position_limit(self.config)
+        if limit is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"The prompt ({input_ids_length} tokens) plus max_new_tokens would reach {generation_config.max_length} "
+                f"tokens, past max_position_embeddings ({limit}): lower max_new_tokens to at most "
+                f"{limit - input_ids_length}."
+            )
 
     @staticmethod
     def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
