@@ -76,18 +76,24 @@ def run_rsa(args: argparse.Namespace) -> int:
     if args.endpoint:
         from ..serving import EndpointError, OpenAICompletionsEngine
 
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
         try:
             engine = OpenAICompletionsEngine(args.endpoint, model=args.served_model, max_concurrency=args.max_concurrency)
         except (ValueError, EndpointError) as error:
             raise CommandError(f"--endpoint {args.endpoint}: {error}") from None
+        expected = (EndpointError,)  # the server failing mid-run
     else:
         if args.tokenizer:
             raise CommandError("--tokenizer goes with --endpoint; a local --model brings its own tokenizer.")
         model, tokenizer = load_model(args)
         engine = LocalGenerationEngine(model, tokenizer)
-    with torch.no_grad():
-        result = run_markovian_rsa(engine, question, tokenizer, config, progress=not args.no_progress)
+        expected = (ValueError,)  # inputs the model refuses, e.g. rollouts past max_position_embeddings
+    try:
+        with torch.no_grad():
+            result = run_markovian_rsa(engine, question, tokenizer, config, progress=not args.no_progress)
+    except expected as error:
+        where = f"--endpoint {args.endpoint}" if args.endpoint else "the model"
+        raise CommandError(f"{where}: {error}") from None
 
     summary = {
         "answer": result.answer,
