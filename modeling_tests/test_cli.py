@@ -193,7 +193,7 @@ def test_convert_and_export_forward_to_the_checkpoint_tools(tmp_path, capsys):
     assert (tmp_path / "hub" / "modeling_zaya.py").is_file() and (tmp_path / "hub" / "tokenizer.json").is_file()
 
     status, _, err = run(["export", str(source), str(tmp_path / "hub"), "--no-progress"], capsys)
-    assert status == 1 and "error" in err  # never overwrites
+    assert status == 2 and "error" in err  # never overwrites
     status, _, err = run(["convert", str(tmp_path / "missing"), str(tmp_path / "out")], capsys)
     assert status != 0 and "missing" in err
 

@@ -312,9 +312,9 @@ def test_command_line(tiny, tmp_path, capsys, monkeypatch):
     _, _, legacy = tiny
     assert convert_main([str(legacy), str(tmp_path / "a"), "--no-progress"]) == 0
     assert "current layout" in capsys.readouterr().out
-    assert convert_main([str(legacy), str(tmp_path / "a"), "--no-progress"]) == 1
+    assert convert_main([str(legacy), str(tmp_path / "a"), "--no-progress"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error: ") and "not an empty folder" in error
+    assert ": error: " in error and "not an empty folder" in error
     # The script in conversion/ is the same entry point.
     monkeypatch.setattr("sys.argv", ["convert_legacy_checkpoint.py", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "legacy"])
     with pytest.raises(SystemExit) as exit_info:

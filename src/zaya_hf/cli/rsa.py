@@ -95,11 +95,14 @@ def run_rsa(args: argparse.Namespace) -> int:
         answer_tail=args.answer_tail,
     )
     engine, tokenizer = rollout_engine(args)
+    # A server failing mid-run, or inputs the local model refuses (e.g. rollouts past max_position_embeddings).
+    expected = EndpointErrors if args.endpoint else (ValueError,)
     try:
         with torch.no_grad():
             result = run_markovian_rsa(engine, question, tokenizer, config, progress=not args.no_progress)
-    except EndpointErrors as error:
-        raise CommandError(f"--endpoint {args.endpoint}: {error}") from None
+    except expected as error:
+        where = f"--endpoint {args.endpoint}" if args.endpoint else "the model"
+        raise CommandError(f"{where}: {error}") from None
     finally:
         if args.endpoint:
             engine.close()
