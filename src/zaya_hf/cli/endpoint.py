@@ -37,7 +37,10 @@ def endpoint_engine(args: argparse.Namespace, flag: str = "--endpoint"):
     unreachable or unsuitable server fails here in one line."""
     from ..serving import EndpointError, OpenAICompletionsEngine
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model) if (args.tokenizer or args.model) else None
+    if args.tokenizer or args.model:
+        tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    else:
+        tokenizer = None
     try:
         engine = OpenAICompletionsEngine(
             args.endpoint, model=args.served_model, tokenizer=tokenizer, api_key=args.api_key,
