@@ -104,6 +104,17 @@ class ZayaTransformersSuiteTest(ModelTesterMixin, unittest.TestCase):
     def test_config(self):
         self.config_tester.run_common_tests()
 
+    # The mixin's test runs the *unscaled* model on 1.5 x max_position_embeddings tokens, which zaya_hf refuses with
+    # the default RoPE (README "Strict by default"). (transformers' ZAYA runs it and fails it: its key temperature
+    # starts at 0, so its outputs do not depend on positions at all.) What the test is about, the frequencies of each
+    # scaled RoPE type, is checked by test_model_rope_scaling_frequencies and test_conventions.py.
+    if TARGET == "zaya_hf":
+        for _name in [name for name in dir(ModelTesterMixin) if name.startswith("test_model_rope_scaling_from_config_")]:
+            locals()[_name] = unittest.skip(
+                "runs the unscaled model past max_position_embeddings, which zaya_hf refuses with the default RoPE"
+            )(lambda self: None)
+        del _name
+
     def test_model(self):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         model = ZayaModel(config).eval()
