@@ -1,3 +1,4 @@
+# Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
 """ZAYA1 configuration.
 
 `ZayaConfig` reads the published `Zyphra/ZAYA1-8B` config.json unchanged (quirks included) and writes one that

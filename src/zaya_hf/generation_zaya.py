@@ -1,3 +1,4 @@
+# Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
 """Markovian RSA: the test-time-compute method ZAYA1-8B was trained for (MARKOVIAN_RSA.md).
 
 RSA (Recursive Self-Aggregation) keeps a population of N candidate solutions; every round, each new candidate

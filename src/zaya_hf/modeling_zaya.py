@@ -722,7 +722,8 @@ class ZayaPreTrainedModel(PreTrainedModel):
         `CheckpointError` naming the tensor or file, instead of loading random, cast or garbage weights:
 
         * `MissingWeightsError`: tensors the model needs are absent (`allow_missing_weights=True` initialises them
-          randomly, on purpose);
+          randomly, on purpose, as does `from_pretrained(None, config=..., state_dict=...)` for the tensors the
+          given state dict leaves out);
         * `UnexpectedWeightsError`: tensors the model has no place for;
         * `MismatchedWeightsError`: wrong shapes (unless `ignore_mismatched_sizes=True`, as in transformers);
         * `InvalidWeightsError`: a non-floating dtype (read from the file headers) or NaN/inf values (one sum per
@@ -747,6 +748,9 @@ class ZayaPreTrainedModel(PreTrainedModel):
                 f"{_preview(details)}. Check that config.json matches the weights."
             )
         missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
+        # `from_pretrained(None, config=..., state_dict=...)` builds from a config with the weights given by hand:
+        # what the state dict leaves out is initialised, as transformers does (the caller chose the tensors).
+        allow_missing_weights = allow_missing_weights or source is None
         if missing and not (allow_missing_weights or output_loading_info):
             raise MissingWeightsError(
                 f"The {where} lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
