@@ -2,14 +2,17 @@
 
 The same model (the embedded one, with a LoRA adapter on every preset), data, batch size and steps; only
 `padding_free` differs. Counts the assistant and prompt tokens that are not padding (`num_input_tokens_seen` is not
-used: it counts padding too). Prints and writes one JSON object. Meaningful only once the core computes packed
-sequences exactly (position_ids restarting at 0); until then the packed run's loss is not the padded one's.
+used: it counts padding too). fp32 (TRL's `bf16=True` default would autocast on the CPU). The two modes alternate,
+`--repeats` times each, so that a change in the machine's load hits both; the ratio is the median of the per-round
+ratios. Prints and writes one JSON object.
 
-    python benchmarks/bench_sft_packing.py [--steps 30] [--output benchmarks/results/bench_sft_packing.json]
+    python benchmarks/bench_sft_packing.py [--steps 30] [--repeats 2] [--output benchmarks/results/bench_sft_packing.json]
 """
 
 import argparse
 import json
+import os
+import statistics
 import time
 
 import torch
@@ -41,7 +44,7 @@ def run(padding_free: bool, steps: int, rows: list[dict], tokenizer) -> dict:
     args = SFTConfig(
         "/tmp/bench-sft-packing", max_steps=steps, per_device_train_batch_size=8, learning_rate=2e-3,
         logging_steps=steps, assistant_only_loss=True, padding_free=padding_free, save_strategy="no", report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0,
+        use_cpu=True, bf16=False, disable_tqdm=True, seed=0, max_length=None,  # the chats are short: nothing to cut
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora_config(r=8, alpha=16))
@@ -56,19 +59,24 @@ def run(padding_free: bool, steps: int, rows: list[dict], tokenizer) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of (padded, packed)")
     parser.add_argument("--output", default="benchmarks/results/bench_sft_packing.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(zaya_hf.default_model_path())
     tokenizer.chat_template = ZAYA_TRAINING_CHAT_TEMPLATE
     rows = tiny_reasoner_chats(8 * args.steps, seed=0, tokenizer=tokenizer)
-    padded, packed = run(False, args.steps, rows, tokenizer), run(True, args.steps, rows, tokenizer)
+    rounds = []
+    for _ in range(args.repeats):
+        padded, packed = run(False, args.steps, rows, tokenizer), run(True, args.steps, rows, tokenizer)
+        rounds.append({"padded": padded, "packed": packed, "load_average": os.getloadavg()[0],
+                       "packed_over_padded": round(packed["tokens_per_second"] / padded["tokens_per_second"], 3)})
     result = {
-        "command": f"python benchmarks/bench_sft_packing.py --steps {args.steps}",
+        "command": f"python benchmarks/bench_sft_packing.py --steps {args.steps} --repeats {args.repeats}",
         "torch": torch.__version__,
-        "padded": padded,
-        "packed": packed,
-        "packed_over_padded_tokens_per_second": round(packed["tokens_per_second"] / padded["tokens_per_second"], 3),
+        "threads": 1,
+        "rounds": rounds,
+        "packed_over_padded_tokens_per_second": statistics.median(r["packed_over_padded"] for r in rounds),
     }
     print(json.dumps(result, indent=1))
     with open(args.output, "w") as f:

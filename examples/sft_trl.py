@@ -5,10 +5,11 @@ a LoRA preset and the bias balancer.
     python examples/sft_trl.py [--max-steps 60] [--targets attention experts router] [--padding-free]
 
 It adapts the embedded model (`zaya_hf.default_model_path()`), saves the adapter, reloads it and prints the held-out
-answer loss before and after. On GPUs: `--model Zyphra/ZAYA1-8B` (downloaded by transformers), bf16=True in
-SFTConfig, a larger batch and `accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/sft_trl.py`
-to shard the training. `--padding-free` packs the rows of a
-batch into one sequence (position_ids restarting at 0): exact only once the core handles packed sequences.
+answer loss before and after. On GPUs: `--model Zyphra/ZAYA1-8B` (downloaded by transformers), bf16 (on by
+default in TRL's SFTConfig; this script turns it off on the CPU, where it would autocast an fp32 model), a larger
+batch and `accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/sft_trl.py` to shard the training.
+`--padding-free` packs the rows of a batch into one sequence (position_ids restarting at 0), which the model computes
+exactly as the separate rows.
 """
 
 import argparse
@@ -50,7 +51,8 @@ def main() -> None:
         args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8, learning_rate=2e-3,
         lr_scheduler_type="cosine", warmup_steps=args.max_steps // 10, logging_steps=max(1, args.max_steps // 6),
         assistant_only_loss=True, padding_free=args.padding_free, save_strategy="no", report_to=[],
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=0, per_device_eval_batch_size=8,
+        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), disable_tqdm=True, seed=0,
+        per_device_eval_batch_size=8, max_length=None,  # the chats are short; TRL refuses a limit with padding_free
     )
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
