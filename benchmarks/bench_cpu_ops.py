@@ -1,9 +1,11 @@
-"""The CPU per-op figures quoted in README "Performance" and in `kernels_zaya.linear` / `cpu_sdpa_forward`.
+"""The CPU per-op figures behind zaya_hf.ops.cpu and its thresholds (zaya_hf.ops.thresholds), quoted in README.
 
-At bench-small sizes: the 32000 x 512 LM head multiplying 1, 2 and 4 rows through MKL (`F.linear`), oneDNN (eager
-`kernels_zaya.linear`) and the compiled multiply-and-sum (`kernels_zaya.linear` under `torch.compile`); and one
-batch-16 decode step of attention (8 query / 2 kv heads of 64, 160 cached tokens) with `enable_gqa` (transformers'
-unmasked call) against packed query heads (`cpu_sdpa_forward`). fp32 and bf16; median milliseconds; one JSON line.
+At bench-small sizes (hidden 512, 8 query / 2 kv heads of 64, 16 experts of 512): the 32000 x 512 LM head
+multiplying 1, 2 and 4 rows through MKL (`F.linear`), oneDNN (eager `cpu_linear`) and the compiled multiply-and-sum
+(`cpu_linear` under `torch.compile`); a decode step's CCA conv by `conv1d` (the model's forward) and as a state update
+(`CPUCCAProjection`), at batch 1 and 16; one token through its expert with transformers' `grouped_mm` and directly
+(`CPUExperts`); and one batch-16 decode step of attention (160 cached tokens) with `enable_gqa` (transformers'
+unmasked call) against packed query heads (`packed_gqa_sdpa`). fp32 and bf16; median milliseconds; one JSON line.
 
     python benchmarks/bench_cpu_ops.py [--repeats 50]
 """
@@ -17,8 +19,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from zaya_hf.kernels_zaya import linear
-from zaya_hf.modeling_zaya import cpu_sdpa_forward
+from zaya_hf import ZayaConfig
+from zaya_hf.modeling_zaya import ZayaCCAProjection, ZayaExperts
+from zaya_hf.ops.cpu import CPUCCAProjection, CPUExperts, cpu_linear, packed_gqa_sdpa
+
+BENCH_SMALL = ZayaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16,
+                         moe_intermediate_size=512, router_hidden_size=64, num_hidden_layers=1,
+                         experts_implementation="grouped_mm")  # what a model resolves by default
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -35,12 +42,12 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def head_products(dtype: torch.dtype, repeats: int) -> dict:
     weight = torch.randn(32000, 512, dtype=dtype)
-    compiled = torch.compile(linear, fullgraph=True, dynamic=False)
+    compiled = torch.compile(cpu_linear, fullgraph=True, dynamic=False)
     result = {}
     for rows in (1, 2, 4):
         x = torch.randn(rows, 512, dtype=dtype)
         result[f"head_rows{rows}_f_linear_ms"] = median_ms(lambda: F.linear(x, weight), repeats)
-        result[f"head_rows{rows}_linear_eager_ms"] = median_ms(lambda: linear(x, weight), repeats)
+        result[f"head_rows{rows}_linear_eager_ms"] = median_ms(lambda: cpu_linear(x, weight), repeats)
         result[f"head_rows{rows}_linear_compiled_ms"] = median_ms(lambda: compiled(x, weight), repeats)
     return result
 
@@ -49,15 +56,34 @@ def one_token_attention(dtype: torch.dtype, repeats: int) -> dict:
     batch, heads, kv_heads, head_dim, cached = 16, 8, 2, 64, 160
     query = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
     key, value = (torch.randn(batch, kv_heads, cached, head_dim, dtype=dtype) for _ in range(2))
-    module = torch.nn.Module()  # the attention interface takes the layer; cpu_sdpa_forward reads nothing from it
+    module = torch.nn.Module()  # the attention interface takes the layer; packed_gqa_sdpa reads nothing from it
     return {
         "attention_bs16_enable_gqa_ms": median_ms(
             lambda: F.scaled_dot_product_attention(query, key, value, scale=head_dim**-0.5, enable_gqa=True), repeats
         ),
         "attention_bs16_packed_ms": median_ms(
-            lambda: cpu_sdpa_forward(module, query, key, value, None, scaling=head_dim**-0.5), repeats
+            lambda: packed_gqa_sdpa(module, query, key, value, None, scaling=head_dim**-0.5), repeats
         ),
     }
+
+
+def decode_conv_and_expert(dtype: torch.dtype, repeats: int) -> dict:
+    projection = CPUCCAProjection(BENCH_SMALL, layer_idx=0).to(dtype)
+    experts = CPUExperts(BENCH_SMALL).to(dtype)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.02), torch.nn.init.normal_(experts.down_proj, std=0.02)
+    result = {}
+    for batch in (1, 16):
+        window = torch.randn(batch, projection.conv_qk_depthwise.in_channels, projection.conv_width + 1, dtype=dtype)
+        result[f"decode_conv_bs{batch}_conv1d_ms"] = median_ms(
+            lambda: ZayaCCAProjection.causal_conv(projection, window), repeats
+        )
+        result[f"decode_conv_bs{batch}_state_update_ms"] = median_ms(lambda: projection.causal_conv(window), repeats)
+    hidden, index, weights = torch.randn(1, 512, dtype=dtype), torch.tensor([[5]]), torch.rand(1, 1, dtype=dtype)
+    result["expert_one_token_grouped_mm_ms"] = median_ms(
+        lambda: ZayaExperts.forward(experts, hidden, index, weights), repeats
+    )
+    result["expert_one_token_direct_ms"] = median_ms(lambda: experts(hidden, index, weights), repeats)
+    return result
 
 
 @torch.no_grad()
@@ -69,7 +95,11 @@ def main() -> None:
     result = {"torch_threads": torch.get_num_threads()}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        figures = {**head_products(dtype, args.repeats), **one_token_attention(dtype, args.repeats)}
+        figures = {
+            **head_products(dtype, args.repeats),
+            **decode_conv_and_expert(dtype, args.repeats),
+            **one_token_attention(dtype, args.repeats),
+        }
         result.update({f"{name}_{key}": value for key, value in figures.items()})
     print(json.dumps(result))
 

@@ -1,4 +1,4 @@
-"""Speed of the fused Triton kernels (kernels_zaya) against the model's torch path, on one CUDA or ROCm GPU.
+"""Speed of the fused Triton kernels (zaya_hf.ops) against the model's torch forwards, on one CUDA or ROCm GPU.
 
 Per kernel at ZAYA1-8B layer sizes (hidden 2048, 8 query / 2 kv heads of 128, 16 experts of 2048, router 256,
 bf16), then the whole model (ZAYA1-8B sizes, `--layers` of the 40 layers, random weights): prefill latency and
@@ -18,7 +18,13 @@ from functools import partial
 import torch
 
 from zaya_hf import ZayaConfig, ZayaForCausalLM
-from zaya_hf import kernels_zaya as kz
+from zaya_hf.modeling_zaya import ZayaExperts, ZayaRouter, apply_rotary_pos_emb
+
+try:
+    from zaya_hf.ops import triton_kernels as kernels
+    from zaya_hf.ops.triton import TritonExperts, TritonRouter
+except ImportError:
+    kernels = None
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -47,13 +53,15 @@ def compare(torch_fn: Callable[[], object], triton_fn: Callable[[], object], dev
     }
 
 
-def build_model(config: ZayaConfig, device: torch.device, dtype: torch.dtype) -> ZayaForCausalLM:
+def build_model(config: ZayaConfig, device: torch.device, dtype: torch.dtype, backend: str) -> ZayaForCausalLM:
+    torch.manual_seed(0)
+    config.kernel_backend = backend
     with torch.device(device):  # initialise on the GPU: an 8B-sized embedding is slow to fill on the CPU
         return ZayaForCausalLM(config).to(dtype).eval()
 
 
 def layer_operations(model: ZayaForCausalLM, batch: int, seq_len: int) -> dict[str, tuple[Callable, Callable]]:
-    """(torch path, fused kernel) callables of each fused operation, on random inputs for one decoder layer."""
+    """(model's torch forward, fused kernel) callables of each fused operation, on random inputs for one layer."""
     config, (device, dtype) = model.config, (model.device, model.dtype)
     layer = model.model.layers[1]  # a layer that carries the router state
     attention, router, experts = layer.self_attn, layer.mlp.gate, layer.mlp.experts
@@ -66,36 +74,39 @@ def layer_operations(model: ZayaForCausalLM, batch: int, seq_len: int) -> dict[s
     hidden = randn(batch, seq_len, config.hidden_size)
     rotary_dim = int(config.head_dim * config.rope_parameters["hybrid"]["partial_rotary_factor"])
     angles = randn(batch, seq_len, rotary_dim, dtype=torch.float32)
-    conv_state = randn(batch, projection.conv_qk_depthwise.in_channels, projection.conv_state_size)
-    cca_args = (
-        projection.q_proj(hidden), projection.k_proj(hidden), conv_state if seq_len == 1 else None,
-        projection.conv_qk_depthwise, projection.conv_qk_grouped, attention.qk_norm.temp,
-        angles.cos().to(dtype), angles.sin().to(dtype),
-    )
-    residual_args = (hidden, randn(batch, seq_len, config.hidden_size, dtype=torch.float32),
-                     layer.post_attention_residual_scale, layer.post_attention_layernorm)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    depthwise, grouped = projection.conv_qk_depthwise, projection.conv_qk_grouped
+
+    def cca_torch():
+        query, key, _ = projection(hidden)
+        query, key = attention.qk_norm(query, key)
+        return apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+
+    def cca_triton():
+        return kernels.cca_qk_mix(projection.q_proj(hidden), projection.k_proj(hidden), None, depthwise.weight,
+                                  depthwise.bias, grouped.weight, grouped.bias, attention.qk_norm.temp, cos, sin)
+
+    scaling, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
+    residual = randn(batch, seq_len, config.hidden_size, dtype=torch.float32)
     router_args = (hidden, randn(batch, seq_len, config.router_hidden_size))
-    _, weight, choice, _ = router(*router_args)
-    expert_args = (hidden.reshape(-1, config.hidden_size), choice.reshape(-1), weight.reshape(-1))
-
-    def with_backend(backend: str, module: torch.nn.Module, *args):
-        config.kernel_backend = backend  # the modules read it at call time
-        return module(*args)
-
+    _, weights, index, _ = ZayaRouter.forward(router, *router_args)
+    expert_args = (hidden.reshape(-1, config.hidden_size), index, weights)
     return {
-        "cca_qk_mix": (partial(kz.cca_qk_mix_reference, *cca_args), partial(kz.cca_qk_mix, *cca_args)),
+        "cca_qk_mix": (cca_torch, cca_triton),
         "residual_merge_rmsnorm": (
-            partial(kz.residual_merge_rmsnorm_reference, *residual_args),
-            partial(kz.residual_merge_rmsnorm, *residual_args),
+            lambda: norm(scaling(hidden, residual).to(dtype)),
+            partial(kernels.residual_merge_rmsnorm, hidden, residual, *scaling.parameters(), norm.weight,
+                    norm.variance_epsilon),
         ),
-        "router": tuple(partial(with_backend, backend, router, *router_args) for backend in ("torch", "triton")),
-        "moe_top1": tuple(partial(with_backend, backend, experts, *expert_args) for backend in ("torch", "triton")),
+        "router": (partial(ZayaRouter.forward, router, *router_args), partial(TritonRouter.forward, router, *router_args)),
+        "moe_top1": (partial(ZayaExperts.forward, experts, *expert_args),
+                     partial(TritonExperts.forward, experts, *expert_args)),
     }
 
 
 def bench_kernels(config: ZayaConfig, tokens: int, decode_batch: int, device, dtype, repeats: int) -> dict:
     """Each fused operation vs the torch code that kernel_backend="torch" runs, for a prefill and a decode step."""
-    model = build_model(config, device, dtype)
+    model = build_model(config, device, dtype, "torch")
     results = {}
     with torch.no_grad():
         for regime, batch, seq_len in (("prefill", 1, tokens), ("decode", decode_batch, 1)):
@@ -106,14 +117,13 @@ def bench_kernels(config: ZayaConfig, tokens: int, decode_batch: int, device, dt
 
 def bench_model(config: ZayaConfig, tokens: int, decode_batch: int, new_tokens: int, device, dtype, repeats: int):
     """Prefill latency and greedy decoding throughput of the whole model with each backend."""
-    model = build_model(config, device, dtype)
+    models = {backend: build_model(config, device, dtype, backend) for backend in ("torch", "triton")}
     gen = torch.Generator(device=device).manual_seed(0)
     prompt = torch.randint(3, config.vocab_size, (1, tokens), device=device, generator=gen)
     decode_prompt = torch.randint(3, config.vocab_size, (decode_batch, min(tokens, 128)), device=device, generator=gen)
     results, logits = {}, {}
     with torch.no_grad():
-        for backend in ("torch", "triton"):
-            model.config.kernel_backend = backend
+        for backend, model in models.items():  # the same weights: both built from seed 0
             logits[backend] = model(prompt, use_cache=False).logits[:, -1].float()
             prefill = partial(model, prompt, use_cache=False)
             results[f"prefill_{backend}_ms"] = round(time_ms(prefill, device, repeats), 3)
@@ -138,17 +148,17 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1 (no timings)")
     args = parser.parse_args()
 
-    if not kz.is_triton_available():
+    if kernels is None:
         sys.exit("bench_kernels.py needs triton: pip install 'zaya-hf[triton]'.")
     if args.smoke:
-        if not kz._INTERPRET:
+        if not kernels.INTERPRET:
             sys.exit("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1.")
         device, dtype = torch.device("cpu"), torch.float32
         sizes = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
                      moe_intermediate_size=32, router_hidden_size=16, vocab_size=101, eos_token_id=2)
         args.tokens, args.decode_batch, args.new_tokens, args.layers, args.repeats = 8, 2, 2, 2, 1
     else:
-        if not torch.cuda.is_available() or kz._INTERPRET:
+        if not torch.cuda.is_available() or kernels.INTERPRET:
             sys.exit(
                 "bench_kernels.py measures GPU speed and needs a CUDA or ROCm GPU (with TRITON_INTERPRET unset); "
                 "none is available here. Use --smoke with TRITON_INTERPRET=1 to check the script on CPU."
@@ -156,7 +166,7 @@ def main() -> None:
         device, dtype, sizes = torch.device("cuda"), torch.bfloat16, {}  # ZAYA1-8B sizes are the config defaults
     torch.manual_seed(0)
     config = ZayaConfig(num_hidden_layers=2, **sizes)
-    kernels = bench_kernels(config, args.tokens, args.decode_batch, device, dtype, args.repeats)
+    per_kernel = bench_kernels(config, args.tokens, args.decode_batch, device, dtype, args.repeats)
     config = ZayaConfig(num_hidden_layers=args.layers, **sizes)
     whole_model = bench_model(config, args.tokens, args.decode_batch, args.new_tokens, device, dtype, args.repeats)
     print(json.dumps({
@@ -169,7 +179,7 @@ def main() -> None:
         "tokens": args.tokens,
         "decode_batch": args.decode_batch,
         "layers": args.layers,
-        "kernels": kernels,
+        "kernels": per_kernel,
         "model": whole_model,
     }))
 

@@ -75,6 +75,12 @@ def make_pair(config: ZayaConfig | None = None, seed: int = 0, dtype: torch.dtyp
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """Each test compiles from scratch: Dynamo's per-function recompile limit (8) counts across tests otherwise."""
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def pair():
     return make_pair()
 

@@ -69,23 +69,27 @@ def test_fan_out_with_batch_repeat_interleave_continues_like_fresh_runs(model):
     assert (selected - model(torch.cat([history, step], dim=1)).logits[:, -1:]).abs().max().item() <= 1e-5
 
 
+def cca_state(cache, layer_idx: int = 0):
+    return cache.get_conv_state(layer_idx), cache.get_recurrent_state(layer_idx)
+
+
 @torch.no_grad()
 def test_every_batch_operation_moves_the_cca_state(model):
     cache = ZayaCache(model.config)
     model(torch.randint(3, 101, (3, 7)), cache=cache, use_cache=True)
-    conv, value = (t.clone() for t in cache.get_cca_state(0))
+    conv, value = (t.clone() for t in cca_state(cache))
     assert conv.shape == (3, (4 + 2) * 16, (3 - 1) + (2 - 1)) and value.shape == (3, 2 * 16 // 2)
 
     cache.reorder_cache(torch.tensor([2, 0, 1]))
-    assert torch.equal(cache.get_cca_state(0)[0], conv[[2, 0, 1]])
-    assert torch.equal(cache.get_cca_state(0)[1], value[[2, 0, 1]])
+    assert torch.equal(cca_state(cache)[0], conv[[2, 0, 1]])
+    assert torch.equal(cca_state(cache)[1], value[[2, 0, 1]])
     cache.batch_repeat_interleave(2)
-    assert torch.equal(cache.get_cca_state(0)[1], value[[2, 0, 1]].repeat_interleave(2, dim=0))
+    assert torch.equal(cca_state(cache)[1], value[[2, 0, 1]].repeat_interleave(2, dim=0))
     cache.batch_select_indices(torch.tensor([1, 4]))
-    assert torch.equal(cache.get_cca_state(0)[0], conv[[2, 1]])
+    assert torch.equal(cca_state(cache)[0], conv[[2, 1]])
     assert cache.layers[0].keys.shape[0] == 2
     cache.reset()
-    assert cache.get_cca_state(0) == (None, None) and cache.get_seq_length() == 0
+    assert cca_state(cache) == (None, None) and cache.get_seq_length() == 0
 
 
 @torch.no_grad()
@@ -97,11 +101,18 @@ def test_beam_search_matches_reference():
     assert torch.equal(ours.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
 
-def test_foreign_cache_is_refused(model):
-    from transformers import DynamicCache
+@torch.no_grad()
+def test_transformers_caches_work_and_one_without_cca_state_is_refused(model):
+    from transformers import DynamicCache, StaticCache
 
-    with pytest.raises(TypeError, match="ZayaCache"):
-        model(torch.randint(3, 101, (1, 4)), cache=DynamicCache(config=model.config), use_cache=True)
+    ids = torch.randint(3, 101, (2, 6))
+    expected = model(ids).logits
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=8)):
+        prefill = model(ids[:, :4], cache=cache, use_cache=True).logits
+        steps = [model(ids[:, i : i + 1], cache=cache, use_cache=True).logits for i in (4, 5)]
+        assert (torch.cat([prefill, *steps], dim=1) - expected).abs().max().item() <= 1e-5, type(cache).__name__
+    with pytest.raises(TypeError, match=r"conv and recurrent state in each of its 4 layers.*DynamicCache\(config=config\)"):
+        model(ids, cache=DynamicCache(), use_cache=True)
 
 
 def test_generate_uses_zaya_cache(model):

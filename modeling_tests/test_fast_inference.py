@@ -1,20 +1,16 @@
-"""Issue 3: croppable and static caches, the decode fast path, compiled decoding, speculative decoding."""
+"""Croppable and static caches, compiled decoding, speculative decoding (the package's CPU fast paths: test_ops.py)."""
 
 import copy
 
 import pytest
 import torch
 from conftest import left_padded_batch, make_pair, tiny_config
-from transformers import CompileConfig
+from transformers import CompileConfig, StaticCache
 
-from zaya_hf import ZayaCache, ZayaForCausalLM, ZayaStaticCache, predict_cache_nbytes
-from zaya_hf.kernels_zaya import ONEDNN_LINEAR_AVAILABLE, linear, uses_onednn_linear
+from zaya_hf import ZayaCache, ZayaForCausalLM, predict_cache_nbytes
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch: Dynamo's per-function recompile limit (8) counts across tests otherwise."""
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +68,7 @@ def test_cca_state_after_a_prompt_does_not_keep_the_prompt_window_alive(model):
     cache = ZayaCache(model.config)
     model(torch.randint(3, 101, (2, 20)), cache=cache, use_cache=True)
     for layer in cache.layers:
-        for state in (layer.conv_state, layer.value_state):
+        for state in (layer.conv_states[0], layer.recurrent_states[0]):
             assert state.untyped_storage().nbytes() == state.numel() * state.element_size()
 
 
@@ -85,38 +81,9 @@ def test_crop_without_recording_fails_clearly(model):
 
 
 @torch.no_grad()
-def test_decode_conv_state_update_equals_the_convolution(model):
-    projection = model.model.layers[0].self_attn.qkv_proj
-    window = torch.randn(3, projection.conv_qk_depthwise.in_channels, projection.conv_state_size + 1)
-    full = projection.conv_qk_grouped(projection.conv_qk_depthwise(window)).transpose(1, 2)
-    assert (projection.conv_last_column(window) - full).abs().max().item() <= 1e-5
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("dtype, masked", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)])
-def test_one_token_attention_with_packed_query_heads_equals_transformers_sdpa(model, dtype, masked):
-    """Where the CPU one-token step packs the query heads of each KV head as query rows, it gives transformers'
-    numbers: exactly under a mask (transformers packs too), up to rounding without one (it calls `enable_gqa`)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from zaya_hf.modeling_zaya import cpu_sdpa_forward
-
-    attention = model.model.layers[0].self_attn
-    query, key, value = (torch.randn(3, heads, length, 16, dtype=dtype) for heads, length in ((4, 1), (2, 37), (2, 37)))
-    mask = torch.rand(3, 1, 1, 37) > 0.3 if masked else None
-    ours, _ = cpu_sdpa_forward(attention, query, key, value, mask, scaling=0.25)
-    reference, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=0.25)
-    assert ours.shape == reference.shape == (3, 1, 4, 16)
-    if masked:
-        assert torch.equal(ours, reference)
-    else:
-        torch.testing.assert_close(ours, reference)
-
-
-@torch.no_grad()
 def test_bf16_decode_steps_equal_the_reference_bit_for_bit():
-    """The decode fast path (CCA conv as a state update, packed attention, grouped experts) rounds like
-    transformers' ZAYA in bf16: each step's logits are identical (padded batch: both pack the attention)."""
+    """The CPU decode fast paths (CCA conv as a state update, one-token experts) round like transformers' ZAYA in
+    bf16: each step's logits are identical."""
     ours, reference = make_pair(tiny_config(cca_time0=3, cca_time1=2), seed=25, dtype=torch.bfloat16)
     ids, mask, _ = left_padded_batch(seed=26)
     cache = ZayaCache(ours.config)
@@ -128,83 +95,6 @@ def test_bf16_decode_steps_equal_the_reference_bit_for_bit():
         mask = torch.cat([mask, torch.ones_like(step)], dim=-1)
         logits = ours(step, attention_mask=mask, cache=cache, use_cache=True).logits
         expected = reference(step, attention_mask=mask, cache=expected.past_key_values, use_cache=True)
-
-
-@torch.no_grad()
-def test_gathered_expert_dispatch_equals_grouped(model):
-    experts = model.model.layers[1].mlp.experts
-    hidden = torch.randn(7, model.config.hidden_size)
-    choice = torch.tensor([0, 4, 2, 2, 4, 1, 0])  # 4 = the skip class
-    weight = torch.rand(7)
-    gathered = experts.forward_gathered(hidden, choice, weight)
-    assert (gathered - experts(hidden, choice, weight)).abs().max().item() <= 1e-6  # grouped on CPU
-    assert torch.count_nonzero(gathered[[1, 4]]) == 0
-
-
-@pytest.mark.skipif(not ONEDNN_LINEAR_AVAILABLE, reason="oneDNN linear is used on x86 builds with mkldnn only")
-def test_fp32_cpu_inference_products_take_onednn_and_agree_with_f_linear():
-    weight, bias = torch.randn(1024, 256) / 16, torch.randn(1024)
-    decode_rows, prefill_rows = torch.randn(3, 1, 256), torch.randn(1, 300, 256)
-    with torch.no_grad():
-        for rows in (decode_rows, prefill_rows):
-            assert uses_onednn_linear(rows, weight, bias)
-            fast = linear(rows, weight, bias)
-            assert fast.shape == (*rows.shape[:-1], 1024)
-            assert (fast - torch.nn.functional.linear(rows, weight, bias)).abs().max().item() <= 1e-5
-        assert not uses_onednn_linear(decode_rows.bfloat16(), weight.bfloat16())  # F.linear uses oneDNN for bf16
-        assert not uses_onednn_linear(decode_rows, weight[:64], bias[:64])  # small weights stay in cache: MKL
-        compiled = torch.compile(linear, fullgraph=True, dynamic=False)  # the oneDNN call as an opaque op
-        assert (compiled(decode_rows, weight, bias) - linear(decode_rows, weight, bias)).abs().max().item() <= 1e-6
-    weight.requires_grad_()
-    assert not uses_onednn_linear(decode_rows, weight, bias)  # autograd records: F.linear, which has a backward
-    linear(decode_rows, weight, bias).sum().backward()
-    assert weight.grad is not None
-
-
-def compiled_targets(fn, *args) -> set[str]:
-    """The ops of `fn`'s graph as torch.compile traces it (one graph, no break), after checking that the compiled
-    function returns what the eager one does."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(*args), fn(*args))  # the dtype's default tolerance: rounding differs
-    explanation = torch._dynamo.explain(fn)(*args)
-    assert explanation.graph_break_count == 0
-    return {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
-
-
-@torch.no_grad()
-def test_compiled_cpu_step_runs_the_grouped_experts_as_one_op(model):
-    """In a compiled CPU inference graph of more than 2 tokens the experts run as the opaque grouped op."""
-    experts = model.model.layers[0].mlp.experts
-    hidden, choice, weight = torch.randn(5, model.config.hidden_size), torch.tensor([0, 3, 3, 4, 1]), torch.rand(5)
-    assert "zaya_hf.moe_top1_grouped.default" in compiled_targets(experts, hidden, choice, weight)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("tokens", [1, 2])
-def test_compiled_decode_step_multiplies_gathered_experts_in_place(model, tokens):
-    """A compiled CPU step of 1-2 tokens multiplies each token's expert weights where they lie (multiply-and-sum,
-    which Inductor fuses with the gather): no grouped op, and no bmm on a gathered copy."""
-    experts = model.model.layers[0].mlp.experts
-    hidden = torch.randn(tokens, model.config.hidden_size)
-    choice, weight = torch.tensor([3, 4][:tokens]), torch.rand(tokens)  # 4 = the skip class
-    targets = compiled_targets(experts, hidden, choice, weight)
-    assert "zaya_hf.moe_top1_grouped.default" not in targets
-    assert not any("bmm" in target or "matmul" in target for target in targets)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("dtype, fused_rows", [(torch.float32, 2), (torch.bfloat16, 1)])
-def test_compiled_products_of_few_rows_are_fused_reductions_equal_to_f_linear(dtype, fused_rows):
-    weight, bias = (torch.randn(1024, 256) / 16).to(dtype), torch.randn(1024).to(dtype)
-    stack, stack_bias = (torch.randn(3, 48, 256) / 16).to(dtype), torch.randn(3, 1, 48).to(dtype)  # as the CCA conv
-    for rows in (1, 2, 5):
-        x, grouped_x = torch.randn(rows, 1, 256).to(dtype), torch.randn(3, rows, 256).to(dtype)
-        torch.testing.assert_close(linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
-        grouped_reference = torch.baddbmm(stack_bias, grouped_x, stack.transpose(1, 2))
-        torch.testing.assert_close(linear(grouped_x, stack, stack_bias), grouped_reference)
-        targets = compiled_targets(linear, x, weight, bias) | compiled_targets(linear, grouped_x, stack, stack_bias)
-        fused = not any("linear" in target or "baddbmm" in target for target in targets)
-        assert fused == (rows <= fused_rows), (rows, targets)
 
 
 @torch.no_grad()
@@ -227,20 +117,20 @@ def test_static_cache_generation_equals_dynamic(model):
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     dynamic = model.generate(ids, **kwargs)
     out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **kwargs)
-    assert isinstance(out.cache, ZayaStaticCache)
+    assert type(out.cache) is StaticCache
     assert torch.equal(out.sequences, dynamic)
 
 
 @torch.no_grad()
 def test_static_cache_forward_equals_dynamic_logits(model):
     ids = torch.randint(3, 101, (2, 12))
-    static, dynamic = ZayaStaticCache(model.config, max_cache_len=16), ZayaCache(model.config)
+    static, dynamic = StaticCache(config=model.config, max_cache_len=16), ZayaCache(model.config)
     for a, b in ((0, 7), (7, 8), (8, 9), (9, 12)):
         ls = model(ids[:, a:b], cache=static, use_cache=True).logits
         ld = model(ids[:, a:b], cache=dynamic, use_cache=True).logits
         assert (ls - ld).abs().max().item() <= 1e-5
     static.reset()
-    assert static.get_cca_state(0) == (None, None)
+    assert static.get_conv_state(0) is None and static.get_recurrent_state(0) is None
     again = model(ids[:, :7], cache=static, use_cache=True).logits
     assert (again - model(ids[:, :7]).logits).abs().max().item() <= 1e-5
 
@@ -251,7 +141,7 @@ def test_compiled_decode_step_equals_eager(model, dtype, batch, tolerance):
     """The batches where the compiled step fuses every product (fp32: 1-2 rows, bf16: 1); bf16 rounds differently."""
     model = copy.deepcopy(model).to(dtype)
     ids = torch.randint(3, 101, (batch, 9))
-    eager_cache, compiled_cache = ZayaStaticCache(model.config, 16), ZayaStaticCache(model.config, 16)
+    eager_cache, compiled_cache = (StaticCache(config=model.config, max_cache_len=16) for _ in range(2))
     model(ids[:, :6], cache=eager_cache, use_cache=True)
     model(ids[:, :6], cache=compiled_cache, use_cache=True)
     compiled = torch.compile(model.forward, fullgraph=True, dynamic=False)

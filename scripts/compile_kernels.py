@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of kernels_zaya for real GPU targets, without a GPU.
+"""Compile every Triton kernel of zaya_hf.ops.triton_kernels for real GPU targets, without a GPU.
 
 The kernels are tested for numerics in Triton's CPU interpreter, which does not run the compiler. This script runs the
 package's own launch code at ZAYA1-8B layer sizes with the launches intercepted, then compiles each captured
@@ -26,7 +26,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from zaya_hf import ZayaConfig  # noqa: E402
-from zaya_hf import kernels_zaya as kz  # noqa: E402
+from zaya_hf.ops import triton_kernels as kernels  # noqa: E402
 from zaya_hf.modeling_zaya import ZayaDecoderLayer  # noqa: E402
 
 # name: (target, shared memory per block in bytes)
@@ -68,25 +68,30 @@ def capture_launches(dtype: torch.dtype) -> list[dict]:
             key = torch.zeros(batch, seq_len, projection.k_proj.out_features, dtype=dtype)
             angles = torch.zeros(batch, seq_len, rotary_dim, dtype=dtype)
             channels = projection.conv_qk_depthwise.in_channels
-            conv_state = torch.zeros(batch, channels, projection.conv_state_size, dtype=dtype)
-            convs = (projection.conv_qk_depthwise, projection.conv_qk_grouped, attention.qk_norm.temp, angles, angles)
+            conv_state = torch.zeros(batch, channels, projection.conv_width, dtype=dtype)
+            depthwise, grouped = projection.conv_qk_depthwise, projection.conv_qk_grouped
+            convs = (depthwise.weight, depthwise.bias, grouped.weight, grouped.bias, attention.qk_norm.temp, angles, angles)
             for state, with_cache in ((None, True), (None, False), (conv_state, True)):  # prefill, scoring, chunk
-                kz._cca_launch(query, key, state, *convs, return_window=with_cache)
+                kernels.cca_qk_mix(query, key, state, *convs, return_window=with_cache)
             choice = torch.zeros(tokens, dtype=torch.long, device="cpu")  # sorting needs values
             experts = layer.mlp.experts
-            kz._moe_launch(torch.zeros(tokens, hidden, dtype=dtype), choice, torch.zeros(tokens, dtype=dtype),
-                           experts.gate_up_proj, experts.down_proj)
+            kernels.moe_top1(torch.zeros(tokens, hidden, dtype=dtype), choice, torch.zeros(tokens, dtype=dtype),
+                             experts.gate_up_proj, experts.down_proj)
+            mlp = router.router_mlp
             for carried in (None, torch.zeros(batch, seq_len, router_dim, dtype=dtype)):
-                kz._router_launch(torch.zeros(batch, seq_len, router_dim, dtype=dtype), carried,
-                                  router.router_states_scale if carried is not None else None, router.router_mlp,
-                                  router.balancing_biases)
+                kernels.router_top1(
+                    torch.zeros(batch, seq_len, router_dim, dtype=dtype), carried,
+                    router.router_states_scale if carried is not None else None, mlp.norm.weight,
+                    mlp.norm.variance_epsilon, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                    mlp.out_proj.weight, router.balancing_biases,
+                )
     # The residual/norm kernels forward and backward, in their three modes.
     scaling, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     hidden_states = torch.zeros(2, 64, hidden, dtype=dtype, requires_grad=True)
     residual = torch.zeros(2, 64, hidden, requires_grad=True)
-    outputs = kz._ResidualNormFunction.apply(hidden_states, residual, *scaling.parameters(), norm.weight, 1e-5)
-    outputs += kz._ResidualNormFunction.apply(hidden_states, residual, *scaling.parameters(), None, 0.0)
-    outputs += kz._ResidualNormFunction.apply(None, residual, None, None, None, None, norm.weight, 1e-5)
+    merged, normed = kernels.residual_merge_rmsnorm(hidden_states, residual, *scaling.parameters(), norm.weight, 1e-5)
+    merged_only, _ = kernels.residual_merge_rmsnorm(hidden_states, residual, *scaling.parameters())
+    outputs = (merged, normed, merged_only, kernels.residual_rmsnorm(residual, norm.weight, 1e-5))
     torch.autograd.backward(outputs, [torch.zeros_like(t) for t in outputs])
     torch.set_default_device(None)
     return launches

@@ -6,11 +6,22 @@ Importing the package registers `ZayaConfig`, `ZayaModel` and `ZayaForCausalLM` 
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_zaya import ZayaCache, ZayaStaticCache, predict_cache_nbytes
+from .cache_zaya import ZayaCache, predict_cache_nbytes
 from .checkpoints import export_for_hub
 from .configuration_zaya import ZayaConfig
 from .default_model import default_model_path
-from .modeling_zaya import MismatchedWeightsError, MissingWeightsError, ZayaForCausalLM, ZayaModel, ZayaPreTrainedModel
+from .configuration_zaya import CheckpointError, InvalidConfigError
+from .modeling_zaya import (
+    CorruptCheckpointError,
+    InvalidWeightsError,
+    MismatchedWeightsError,
+    MissingWeightsError,
+    UnexpectedWeightsError,
+    ZayaForCausalLM,
+    ZayaModel,
+    ZayaPreTrainedModel,
+)
+from .ops import install_cpu_forwards  # registers the package's fast paths with ZayaPreTrainedModel
 
 __version__ = "0.1.0"
 
@@ -30,6 +41,11 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 __all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "InvalidConfigError",
+    "InvalidWeightsError",
+    "UnexpectedWeightsError",
     "MismatchedWeightsError",
     "MissingWeightsError",
     "ZayaCache",
@@ -37,7 +53,6 @@ __all__ = [
     "ZayaForCausalLM",
     "ZayaModel",
     "ZayaPreTrainedModel",
-    "ZayaStaticCache",
     "default_model_path",
     "export_for_hub",
     "predict_cache_nbytes",

@@ -1,156 +1,155 @@
-"""The CCA-aware caches of ZAYA1.
+# Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
+"""The CCA-aware dynamic cache of ZAYA1.
 
-Besides keys and values, every CCA layer carries two small recurrent states (ZAYA_ARCHITECTURE.md §3):
+Every CCA layer carries two small recurrent states besides its keys and values (ZAYA_ARCHITECTURE.md §3), held under
+transformers' linear-attention cache-layer names, so that generic code (and transformers' own `DynamicCache(config)`
+/ `StaticCache(config)`, which build the same hybrid layers) reads them the usual way:
 
-* the conv state: the last `W = (cca_time0 - 1) + (cca_time1 - 1)` pre-convolution q/k columns, `[B, (H+K)*D, W]`;
-* the delayed-value state: `v_proj_delayed(h)` of the last processed token, `[B, K*D/2]`.
+* `conv_states[0]`: the last `W = (cca_time0 - 1) + (cca_time1 - 1)` pre-convolution q/k columns, `[B, (H+K)*D, W]`;
+* `recurrent_states[0]`: `v_proj_delayed(h)` of the last processed token, `[B, K*D/2]`.
 
-transformers' stock hybrid cache layers copy only keys and values in their batch operations, so shared-prefix
-fan-out (`batch_repeat_interleave`) and row selection (`batch_select_indices`) silently pair the wrong conv and
-value state with each row. Here every batch operation moves all four tensors together.
-
-Both states cover only the last 1-2 tokens, so keeping a short history of them (while `activate_past_recording`
-is on, as assisted decoding asks) is enough to make the cache croppable: `crop(-n)` restores the exact state of
-n tokens ago.
+transformers' hybrid layers move only keys and values in `batch_repeat_interleave` / `batch_select_indices`, so a
+shared-prefix fan-out pairs each row with the wrong conv state, and they cannot be cropped once a recurrent state
+exists. `ZayaCache`'s layers move every state in every batch operation, and while `activate_past_recording` is on
+(assisted decoding asks for it) they keep the per-token history of both states, so `crop(-n)` restores the exact
+state of n tokens ago. `StaticCache` needs nothing of the sort (no fan-out, no cropping): it is used as it is.
 """
 
 import torch
 from transformers.cache_utils import (
-    Cache,
+    DynamicCache,
     DynamicLayer,
     DynamicSlidingWindowLayer,
-    StaticLayer,
-    StaticSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
 )
 
 
 class ZayaCCAStateMixin:
-    """Conv and delayed-value state of one CCA layer, carried through every batch operation and `crop`.
+    """Conv and delayed-value state of one CCA layer, moved by every batch operation and restored by `crop`.
 
-    Mixed into a key/value cache layer of transformers (dynamic or static, full or sliding window). The tensors
-    held are `conv_state [B, C, W + r]` and `value_state [B, 1 + r, K*D/2]`, where `r` is the number of tokens
-    recorded since the last `crop` (always 0 unless past recording is on).
+    While past recording is on, `conv_states[0]` holds `W + r` columns and `recorded_values` the delayed values
+    `[B, 1 + r, K*D/2]` (the state before recording, then one per token), `r` being the tokens since the last crop.
     """
 
-    is_croppable = True
+    _key_value_layer: type  # the transformers layer that holds this layer's keys and values
 
-    def _init_cca_state(self, conv_width: int) -> None:
-        self.conv_width = conv_width
-        self.conv_state: torch.Tensor | None = None
-        self.value_state: torch.Tensor | None = None
-        self.has_cca_state = False  # False before the first token and after `reset`
-        self.record_past = getattr(self, "record_past", False)
-
-    def get_cca_state(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The working state: `(conv [B, C, W], value [B, K*D/2])`, or `(None, None)` before the first token."""
-        if not self.has_cca_state:
-            return None, None
-        return _last(self.conv_state, self.conv_width, dim=-1), self.value_state[:, -1]
-
-    def update_cca_state(self, qk_window: torch.Tensor, value_window: torch.Tensor) -> None:
-        """Fold in one step: `qk_window [B, C, W + S]` = working conv state + the S new columns, and
-        `value_window [B, 1 + S, K*D/2]` = previous delayed value + the S new ones."""
-        if self.record_past and self.has_cca_state:
-            kept_columns = self.conv_state.shape[-1] - self.conv_width
-            self.conv_state = torch.cat([self.conv_state[..., :kept_columns], qk_window], dim=-1)
-            self.value_state = torch.cat([self.value_state[:, :-1], value_window], dim=1)
-        elif self.record_past:
-            self.conv_state, self.value_state = qk_window, value_window
-        else:
-            conv_state, value_state = _last(qk_window, self.conv_width, dim=-1), value_window[:, -1:]
-            if value_window.shape[1] > 2:  # a view of a multi-token window would keep all of it (a whole prompt) alive
-                conv_state, value_state = conv_state.clone(), value_state.clone()
-            self.conv_state, self.value_state = conv_state, value_state
-        self.has_cca_state = True
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.recorded_values: torch.Tensor | None = None
 
     @property
-    def nbytes(self) -> int:
-        """Bytes held: keys, values (see `ZayaCacheLayer` for its reserved room), conv and delayed-value state."""
-        return sum(t.numel() * t.element_size() for t in self._held_tensors() if t is not None)
+    def is_croppable(self) -> bool:
+        return self.record_past
 
-    def _held_tensors(self) -> tuple:
-        return self.keys, self.values, self.conv_state, self.value_state
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, conv_kernel_size: int | None = None,
+                          **kwargs) -> torch.Tensor:
+        """Append the step's pre-conv columns `[B, C, S]`; returns the window `[B, C, W + S]` the conv reads."""
+        if not self.is_conv_states_initialized[state_idx]:
+            # zeros of width `conv_kernel_size`: the columns before the first token
+            self.lazy_initialization(conv_states=conv_states, state_idx=state_idx, conv_kernel_size=conv_kernel_size)
+        window = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
+        if self.record_past:
+            self.conv_states[state_idx] = window
+        else:
+            self.conv_states[state_idx].copy_(window[..., window.shape[-1] - self.conv_kernel_size[state_idx] :])
+        self.has_previous_state[state_idx] = True
+        return window
 
-    def _map_cca_state(self, fn) -> None:
-        if self.conv_state is not None:
-            self.conv_state = fn(self.conv_state)
-            self.value_state = fn(self.value_state)
-
-    def activate_past_recording(self) -> None:
-        super_activate = getattr(super(), "activate_past_recording", None)
-        if super_activate is not None:
-            super_activate()
-        self.record_past = True
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0,
+                               delayed_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Keep the last token's delayed value `[B, K*D/2]`; while recording, also every token's (`delayed_values`
+        `[B, S, K*D/2]`), which `crop` needs."""
+        if self.record_past:
+            if delayed_values is None:
+                raise ValueError("A recording ZayaCache needs the delayed value of every token (`delayed_values`).")
+            if self.recorded_values is None:
+                before = self.recurrent_states[state_idx]
+                before = recurrent_states.new_zeros(recurrent_states.shape) if before is None else before.clone()
+                self.recorded_values = before[:, None]
+            self.recorded_values = torch.cat([self.recorded_values, delayed_values], dim=1)
+        return super().update_recurrent_state(recurrent_states, state_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"ZayaCache.crop takes minus the number of tokens to remove, got {tokens_to_remove}.")
         removed = -tokens_to_remove
-        if self.has_cca_state:
-            recorded = self.value_state.shape[1] - 1
-            if removed > recorded:
+        if self.has_previous_state[0]:
+            recorded = self.conv_states[0].shape[-1] - self.conv_kernel_size[0]
+            if not self.record_past or removed > recorded:
                 raise RuntimeError(
-                    f"Cannot remove {removed} token(s) from the CCA state: only {recorded} were recorded since the "
-                    "last crop. Call `activate_past_recording()` before the forward passes you want to undo."
+                    f"Cannot remove {removed} token(s) from the CCA state: only {recorded if self.record_past else 0} were "
+                    "recorded since the last crop. Call `activate_past_recording()` before the forward passes you "
+                    "want to undo."
                 )
-            kept = self.conv_state[..., : self.conv_state.shape[-1] - removed]
-            self.conv_state = _last(kept, self.conv_width, dim=-1)
-            self.value_state = self.value_state[:, self.value_state.shape[1] - removed - 1 :][:, :1]
-        super().crop(tokens_to_remove)
+            end = self.conv_states[0].shape[-1] - removed
+            self.conv_states[0] = self.conv_states[0][..., end - self.conv_kernel_size[0] : end]
+            if self.recorded_values is not None:
+                kept = self.recorded_values[:, self.recorded_values.shape[1] - removed - 1]
+                self.recurrent_states[0] = kept.clone()
+                self.recorded_values = self.recurrent_states[0][:, None]
+        self._key_value_layer.crop(self, tokens_to_remove)
 
     def reset(self) -> None:
-        super().reset()
-        self.conv_state = self.value_state = None
-        self.has_cca_state = False
+        super().reset()  # zeroes the states in place
+        if self.is_conv_states_initialized[0]:  # a recording cache may hold more than W columns
+            self.conv_states[0] = self.conv_states[0][..., : self.conv_kernel_size[0]]
+        self.recorded_values = None
+
+    def _map_cca_state(self, fn) -> None:
+        if self.is_conv_states_initialized[0]:
+            self.conv_states[0] = fn(self.conv_states[0])
+        if self.is_recurrent_states_initialized[0]:
+            self.recurrent_states[0] = fn(self.recurrent_states[0])
+        if self.recorded_values is not None:
+            self.recorded_values = fn(self.recorded_values)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
+        self._key_value_layer.reorder_cache(self, beam_idx)
         self._map_cca_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
+        self._key_value_layer.batch_repeat_interleave(self, repeats)
         self._map_cca_state(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
+        self._key_value_layer.batch_select_indices(self, indices)
         self._map_cca_state(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
-    def offload(self) -> None:
-        super().offload()
-        self._map_cca_state(lambda t: t.to("cpu", non_blocking=True))
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: keys and values (with any room reserved for tokens to come), conv and delayed-value state."""
+        held = (*self._key_value_tensors(), self.conv_states[0], self.recurrent_states[0], self.recorded_values)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
-    def prefetch(self) -> None:
-        super().prefetch()
-        if self.is_initialized:
-            self._map_cca_state(lambda t: t.to(self.device, non_blocking=True))
+    def _key_value_tensors(self) -> tuple:
+        return (self.keys, self.values) if self.is_initialized else ()
 
 
-class ZayaCacheLayer(ZayaCCAStateMixin, DynamicLayer):
-    """Growing cache of a full-attention (`hybrid`) CCA layer.
+class ZayaCacheLayer(ZayaCCAStateMixin, LinearAttentionAndFullAttentionLayer):
+    """Cache of a full-attention (`hybrid`) CCA layer.
 
-    Keys and values are prefix views of buffers with room to grow, so that a decode step writes its one column in
-    place instead of copying the whole cache (`torch.cat`, as transformers' `DynamicLayer` does: ~2 ms of each
-    batch-16 bench-small step). Room is only reserved up to `max_length`, which `generate()` sets to the longest the
-    call can reach, so the cache never holds more than the call can use; with `max_length=None` every update
+    Keys and values are prefix views of buffers with room to grow, so that a decode step writes its column in place
+    instead of copying the whole cache (`torch.cat`, as `DynamicLayer` does). Room is reserved only up to
+    `max_length`, which `generate()` sets to the longest the call can reach; with `max_length=None` every update
     allocates exactly.
     """
 
-    def __init__(self, conv_width: int, **kwargs):
+    _key_value_layer = DynamicLayer
+
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._init_cca_state(conv_width)
         self.max_length: int | None = None
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
         needed = length + key_states.shape[-2]
-        if not (self._is_buffer_view(self.keys, self._key_buffer, needed)
-                and self._is_buffer_view(self.values, self._value_buffer, needed)):
+        if not (_is_prefix_view(self.keys, self._key_buffer, needed)
+                and _is_prefix_view(self.values, self._value_buffer, needed)):
             # Double the room (capped at `max_length`): a long decode reallocates O(log T) times, not T times.
             capacity = needed if self.max_length is None else max(needed, min(self.max_length, 2 * needed))
             self._key_buffer = _grown(self.keys, key_states, length, capacity)
@@ -160,84 +159,28 @@ class ZayaCacheLayer(ZayaCCAStateMixin, DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :needed], self._value_buffer[:, :, :needed]
         return self.keys, self.values
 
-    @staticmethod
-    def _is_buffer_view(tensor: torch.Tensor, buffer: torch.Tensor | None, needed: int) -> bool:
-        """Whether `tensor` is still a prefix view of `buffer` (batch ops and offloading replace it) with room for
-        `needed` tokens."""
-        return (
-            buffer is not None
-            and needed <= buffer.shape[2]
-            and tensor.data_ptr() == buffer.data_ptr()
-            and tensor.shape[:2] == buffer.shape[:2]
-            and tensor.stride() == buffer.stride()
-        )
-
-    def _held_tensors(self) -> tuple:
-        keys = self._key_buffer if self._is_buffer_view(self.keys, self._key_buffer, 0) else self.keys
-        values = self._value_buffer if self._is_buffer_view(self.values, self._value_buffer, 0) else self.values
-        return keys, values, self.conv_state, self.value_state
+    def _key_value_tensors(self) -> tuple:
+        if not self.is_initialized:
+            return ()
+        keys = self._key_buffer if _is_prefix_view(self.keys, self._key_buffer, 0) else self.keys
+        values = self._value_buffer if _is_prefix_view(self.values, self._value_buffer, 0) else self.values
+        return keys, values
 
     def reset(self) -> None:
         super().reset()
         self._key_buffer = self._value_buffer = None
 
 
-class ZayaSlidingCacheLayer(ZayaCCAStateMixin, DynamicSlidingWindowLayer):
+class ZayaSlidingCacheLayer(ZayaCCAStateMixin, LinearAttentionAndSlidingWindowAttentionLayer):
     """Cache of a sliding-window (`hybrid_sliding`) CCA layer: keeps the last `sliding_window - 1` keys/values."""
 
-    def __init__(self, conv_width: int, sliding_window: int, **kwargs):
-        super().__init__(sliding_window=sliding_window, **kwargs)
-        self._init_cca_state(conv_width)
+    _key_value_layer = DynamicSlidingWindowLayer
 
 
-class ZayaStaticCCAStateMixin(ZayaCCAStateMixin):
-    """Pre-allocated CCA state updated in place, so that a compiled decode step sees fixed addresses.
+class ZayaCache(DynamicCache):
+    """The dynamic cache of ZAYA1 generation: keys/values plus the CCA conv and delayed-value state of every layer.
 
-    Not croppable: a static cache is for compiled decoding; assisted decoding uses the dynamic `ZayaCache`.
-    """
-
-    is_croppable = False
-
-    def update_cca_state(self, qk_window: torch.Tensor, value_window: torch.Tensor) -> None:
-        conv, value = _last(qk_window, self.conv_width, dim=-1), value_window[:, -1:]
-        if self.conv_state is None:
-            self.conv_state, self.value_state = conv.clone(), value.clone()
-            if not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(self.conv_state)
-                torch._dynamo.mark_static_address(self.value_state)
-        else:
-            self.conv_state.copy_(conv)
-            self.value_state.copy_(value)
-        self.has_cca_state = True
-
-    def activate_past_recording(self) -> None:
-        raise NotImplementedError("A static ZayaCache cannot record its past; use the dynamic ZayaCache to crop.")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("A static ZayaCache cannot be cropped; use the dynamic ZayaCache to crop.")
-
-    def reset(self) -> None:
-        # Keep the tensors (compiled graphs hold their addresses); the next update overwrites them in place.
-        super(ZayaCCAStateMixin, self).reset()  # the key/value reset, skipping the dynamic state drop
-        self.has_cca_state = False
-
-
-class ZayaStaticCacheLayer(ZayaStaticCCAStateMixin, StaticLayer):
-    def __init__(self, conv_width: int, max_cache_len: int, **kwargs):
-        super().__init__(max_cache_len=max_cache_len, **kwargs)
-        self._init_cca_state(conv_width)
-
-
-class ZayaStaticSlidingCacheLayer(ZayaStaticCCAStateMixin, StaticSlidingWindowLayer):
-    def __init__(self, conv_width: int, max_cache_len: int, sliding_window: int, **kwargs):
-        super().__init__(max_cache_len=max_cache_len, sliding_window=sliding_window, **kwargs)
-        self._init_cca_state(conv_width)
-
-
-class ZayaCache(Cache):
-    """Cache for ZAYA1 generation: keys/values plus the CCA conv and delayed-value state of every layer.
-
-    `ZayaForCausalLM.generate()` creates one by default; build one yourself to reuse a prefilled prompt:
+    `ZayaForCausalLM.generate()` uses one by default; build one yourself to reuse a prefilled prompt:
 
     ```python
     >>> cache = ZayaCache(model.config)
@@ -246,28 +189,18 @@ class ZayaCache(Cache):
     ```
     """
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config, offloading: bool = False, offload_only_non_sliding: bool = False):
         config = config.get_text_config(decoder=True)
-        super().__init__(layers=self._build_layers(config, conv_width(config)), **kwargs)
-
-    @staticmethod
-    def _build_layers(config, width: int) -> list:
-        return [
-            ZayaSlidingCacheLayer(width, sliding_window=config.sliding_window)
+        layers = [
+            ZayaSlidingCacheLayer(sliding_window=config.sliding_window)
             if layer_type == "hybrid_sliding"
-            else ZayaCacheLayer(width)
+            else ZayaCacheLayer()
             for layer_type in config.layer_types
         ]
-
-    def get_cca_state(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The `(conv_state [B, C, W], value_state [B, K*D/2])` of layer `layer_idx`, or `(None, None)`."""
-        return self.layers[layer_idx].get_cca_state()
-
-    def update_cca_state(self, layer_idx: int, qk_window: torch.Tensor, value_window: torch.Tensor) -> None:
-        self.layers[layer_idx].update_cca_state(qk_window, value_window)
-
-    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
-        return self.layers[0 if layer_idx is None else layer_idx].has_cca_state
+        # `Cache.__init__`, not `DynamicCache.__init__`: the layers are given, not derived from the config
+        super(DynamicCache, self).__init__(
+            layers=layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding
+        )
 
     def set_max_length(self, max_length: int | None) -> None:
         """The longest (in tokens) this cache will grow before it is reset: full-attention layers reserve room up
@@ -284,21 +217,15 @@ class ZayaCache(Cache):
         return sum(layer.nbytes for layer in self.layers)
 
 
-class ZayaStaticCache(ZayaCache):
-    """Pre-allocated `ZayaCache` of `max_cache_len` tokens for compiled decoding
-    (`generate(..., cache_implementation="static")`)."""
-
-    def __init__(self, config, max_cache_len: int, **kwargs):
-        self.max_cache_len = max_cache_len
-        super().__init__(config, **kwargs)
-
-    def _build_layers(self, config, width: int) -> list:
-        return [
-            ZayaStaticSlidingCacheLayer(width, self.max_cache_len, sliding_window=config.sliding_window)
-            if layer_type == "hybrid_sliding"
-            else ZayaStaticCacheLayer(width, self.max_cache_len)
-            for layer_type in config.layer_types
-        ]
+def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None, needed: int) -> bool:
+    """Whether `tensor` is still a prefix view of `buffer` (batch operations replace it) with room for `needed`."""
+    return (
+        buffer is not None
+        and needed <= buffer.shape[2]
+        and tensor.data_ptr() == buffer.data_ptr()
+        and tensor.shape[:2] == buffer.shape[:2]
+        and tensor.stride() == buffer.stride()
+    )
 
 
 def _grown(held: torch.Tensor, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
@@ -314,18 +241,8 @@ def _grown(held: torch.Tensor, new: torch.Tensor, length: int, capacity: int) ->
     return buffer
 
 
-def _last(tensor: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """The last `n` entries along `dim` (`n` may be 0, unlike `tensor[..., -n:]`)."""
-    return tensor.narrow(dim, tensor.shape[dim] - n, n)
-
-
-def conv_width(config) -> int:
-    """Columns of pre-convolution q/k history one CCA layer needs: `(cca_time0 - 1) + (cca_time1 - 1)`."""
-    return (config.cca_time0 - 1) + (config.cca_time1 - 1)
-
-
 def predict_cache_nbytes(config, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes a dynamic `ZayaCache` holds after `seq_len` tokens of `batch_size` sequences (no past recording; inside
+    """Bytes a `ZayaCache` holds after `seq_len` tokens of `batch_size` sequences (no past recording; inside
     `generate()` the room reserved up to `set_max_length` comes on top, never beyond the call's max length).
 
     Per layer: keys + values `2 * B * K * T * D`, where T is capped at `sliding_window - 1` on sliding layers,
@@ -334,7 +251,7 @@ def predict_cache_nbytes(config, batch_size: int, seq_len: int, dtype: torch.dty
     config = config.get_text_config(decoder=True)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     kv_dim, q_dim = config.num_key_value_heads * config.head_dim, config.num_attention_heads * config.head_dim
-    fixed = (q_dim + kv_dim) * conv_width(config) + kv_dim // 2
+    fixed = (q_dim + kv_dim) * config.cca_conv_width + kv_dim // 2
     total = 0
     for layer_type in config.layer_types:
         tokens = min(seq_len, config.sliding_window - 1) if layer_type == "hybrid_sliding" else seq_len
@@ -342,4 +259,4 @@ def predict_cache_nbytes(config, batch_size: int, seq_len: int, dtype: torch.dty
     return total * itemsize
 
 
-__all__ = ["ZayaCache", "ZayaStaticCache", "predict_cache_nbytes"]
+__all__ = ["ZayaCache", "predict_cache_nbytes"]

@@ -1,43 +1,44 @@
+# Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
 """ZAYA1: Compressed Convolutional Attention + top-1 MoE with an MLP router, learned residual scaling.
 
 The math and the rounding points follow ZAYA_ARCHITECTURE.md; the tensor names are those of the published
 `Zyphra/ZAYA1-8B` checkpoint, so state dicts move unchanged between this file, transformers, vLLM and SGLang.
+This file is the one torch implementation of every op, and travels with checkpoints as remote code. The zaya_hf
+package adds faster forwards for some modules (`zaya_hf.ops`: CPU products, Triton kernels), chosen once for the
+model as it is built, loaded or moved (`ZayaPreTrainedModel.fast_paths`); remote code runs the forwards below.
 """
 
 import copy
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import logging
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, load_state_dict, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_zaya import ZayaCache, ZayaStaticCache
-from .configuration_zaya import ZayaConfig
+from .cache_zaya import ZayaCache
+from .configuration_zaya import CheckpointError, InvalidConfigError, ZayaConfig
 from .generation_zaya import ZayaGenerationMixin
-from .kernels_zaya import (
-    ZayaLinear,
-    cca_qk_mix,
-    check_kernel_backend,
-    linear,
-    moe_top1,
-    moe_top1_grouped,
-    residual_merge_rmsnorm,
-    residual_rmsnorm,
-    router_top1,
-    use_triton_kernels,
-    uses_compiled_matvec,
-)
-
-logger = logging.get_logger(__name__)
 
 
 class ZayaRMSNorm(nn.Module):
@@ -59,28 +60,39 @@ class ZayaRMSNorm(nn.Module):
 
 
 class ZayaRotaryEmbedding(nn.Module):
-    """Partial NeoX RoPE with one inverse-frequency table per layer type (`hybrid`, `hybrid_sliding`)."""
+    """Partial NeoX RoPE with one inverse-frequency table per layer type (`hybrid`, `hybrid_sliding`), for every
+    RoPE type transformers implements (`rope_parameters[layer_type]["rope_type"]`: linear, dynamic, yarn, ...)."""
 
     def __init__(self, config: ZayaConfig, device: torch.device | None = None):
         super().__init__()
         self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         self.layer_types = sorted(set(config.layer_types))
+        self.rope_type = {t: config.rope_parameters[t].get("rope_type", "default") for t in self.layer_types}
         for layer_type in self.layer_types:
-            self.register_buffer(f"{layer_type}_inv_freq", self.compute_inv_freq(config, layer_type, device), persistent=False)
+            inv_freq, attention_scaling = self.compute_inv_freq(layer_type, device)
+            self.register_buffer(f"{layer_type}_inv_freq", inv_freq, persistent=False)
+            self.register_buffer(f"{layer_type}_original_inv_freq", inv_freq.clone(), persistent=False)
+            setattr(self, f"{layer_type}_attention_scaling", attention_scaling)
 
-    @staticmethod
-    def compute_inv_freq(config: ZayaConfig, layer_type: str, device: torch.device | None = None) -> torch.Tensor:
-        params = config.rope_parameters[layer_type]
-        rotary_dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+    def compute_inv_freq(self, layer_type: str, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+        """`(inverse frequencies [R/2], attention scaling)` of `layer_type`, R = head_dim * partial_rotary_factor."""
+        rope_type = self.rope_type[layer_type]
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](self.config, device, layer_type=layer_type)
+        params = self.config.rope_parameters[layer_type]
+        rotary_dim = int(self.config.head_dim * params.get("partial_rotary_factor", 1.0))
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim
-        return 1.0 / (params["rope_theta"] ** exponents)
+        return 1.0 / (params["rope_theta"] ** exponents), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # dynamic and longrope types recompute their frequencies from the positions
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = getattr(self, f"{layer_type}_inv_freq")
+        attention_scaling = getattr(self, f"{layer_type}_attention_scaling")
         freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)  # [B, S, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, R]
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * attention_scaling).to(x.dtype), (emb.sin() * attention_scaling).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,12 +100,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of `x` [B, heads, S, D]; the rest pass through."""
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first `cos.shape[-1]` dims of `query` / `key` [B, heads, S, D] (partial RoPE); the rest pass."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rotary_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+    return rotate(query), rotate(key)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -126,49 +144,13 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def cpu_sdpa_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """SDPA on CPU over the grouped KV heads as they are, where transformers' path is slow:
-
-    * One-token steps: the G query heads that share a KV head go in as G query rows of that head, `[B, H, 1, D]
-      -> [B, K, G, D]`, and a `[B, 1, 1, L]` mask broadcasts over them. transformers does the same under a mask
-      (same numbers), but without one it calls SDPA with `enable_gqa`, where torch's CPU kernel runs one query row
-      per (batch, head) block, its slowest case: bench-small at batch 16 and 160 cached tokens, bf16 ~1.05 -> 0.12
-      ms a layer (benchmarks/bench_cpu_ops.py). The kernel then splits the keys differently, so the result can
-      differ by an ulp at some lengths (as transformers' own masked and unmasked calls do). fp32 would gain too
-      (~0.15-0.25 -> 0.09 ms), but unmasked fp32 steps keep transformers' call so that fp32 greedy decoding stays
-      token-identical to it. Compiled, transformers expands the KV heads instead.
-    * fp32 multi-token chunks under a mask: `enable_gqa` where transformers expands the KV heads (a padded 64-token
-      chunk 6.0 -> 4.6 ms). In bf16 the grouped kernel is no faster than the expansion, so bf16 chunks stay on
-      transformers' path.
-    """
-    batch, heads, length, head_dim = query.shape
-    if length == 1:
-        packed = query.reshape(batch, key.shape[1], -1, head_dim)  # [B, K, G, D]: query head h = k * G + g
-        attn_output = F.scaled_dot_product_attention(
-            packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-        )
-        return attn_output.reshape(batch, 1, heads, head_dim), None  # [B, K, G, D] is [B, 1, H, D] in memory
-    attn_output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
-    )
-    return attn_output.transpose(1, 2).contiguous(), None  # [B, S, H, D]
-
-
-class CCAProjection(nn.Module):
+class ZayaCCAProjection(nn.Module):
     """Compressed Convolutional Attention projection: hidden states -> (Q, K, V) before QK norm and RoPE.
 
     q/k are mixed over time by a causal depthwise conv followed by a grouped conv (one group per head), plus
     residual terms from the pre-conv projections; half of each value comes from the previous token ("delayed").
-    The conv and the delayed value make the layer stateful: `ZayaCache` carries both between calls.
+    The conv and the delayed value make the layer stateful: the cache carries the last `W` pre-conv columns
+    (`conv_states`) and the last delayed value (`recurrent_states`) between calls.
     """
 
     def __init__(self, config: ZayaConfig, layer_idx: int):
@@ -177,16 +159,15 @@ class CCAProjection(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.num_key_value_groups = self.num_heads // self.num_kv_heads
-        self.conv_state_size = (config.cca_time0 - 1) + (config.cca_time1 - 1)
+        self.conv_width = config.cca_conv_width
         query_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         conv_channels = query_size + kv_size
 
-        self.q_proj = ZayaLinear(config.hidden_size, query_size, bias=config.attention_bias)
-        self.k_proj = ZayaLinear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj_current = ZayaLinear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
-        self.v_proj_delayed = ZayaLinear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
+        self.q_proj = nn.Linear(config.hidden_size, query_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj_current = nn.Linear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
+        self.v_proj_delayed = nn.Linear(config.hidden_size, kv_size // 2, bias=config.attention_bias)
         self.conv_qk_depthwise = nn.Conv1d(conv_channels, conv_channels, config.cca_time0, groups=conv_channels)
         self.conv_qk_grouped = nn.Conv1d(
             conv_channels, conv_channels, config.cca_time1, groups=self.num_heads + self.num_kv_heads
@@ -195,77 +176,80 @@ class CCAProjection(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cache: ZayaCache | None = None,
+        cache: Cache | None = None,
         padding_mask: torch.Tensor | None = None,
-        qk_tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        sequence_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`qk_tail=(key_temperature, cos, sin)` makes the Triton kernel also apply QK norm and RoPE to q/k."""
+        """`hidden_states` [B, S, d] -> query [B, S, H, D], key and value [B, S, K, D].
+
+        `padding_mask` [B, S] zeroes padded tokens, which makes left padding exactly equivalent to none.
+        `sequence_positions` [B, S] (packed rows only) gives each token's position in its own sequence: the conv
+        and the delayed value restart at every position 0, as if each sequence ran alone.
+        """
         batch, seq_len, _ = hidden_states.shape
+        B, S, K, D, W = batch, seq_len, self.num_kv_heads, self.head_dim, self.conv_width
+        G = self.num_heads // K
         if padding_mask is not None:
-            # Zeroed padding makes left padding exactly equivalent to no padding for the conv and delayed value.
             hidden_states = hidden_states * padding_mask[:, :, None].to(hidden_states.dtype)
-        conv_state, value_state = cache.get_cca_state(self.layer_idx) if cache is not None else (None, None)
 
         query = self.q_proj(hidden_states)  # [B, S, H*D]
         key = self.k_proj(hidden_states)  # [B, S, K*D]
-
         # Residual terms: q_res[h] = (q[h] + k[h // G]) / 2, k_res[j] = mean of q_res over the G heads of group j.
-        B, S, K, G, D = batch, seq_len, self.num_kv_heads, self.num_key_value_groups, self.head_dim
-        if qk_tail is not None:  # kernels_zaya: conv, residual terms, QK norm and RoPE in one kernel
-            query, key, qk_window = cca_qk_mix(
-                query, key, conv_state, self.conv_qk_depthwise, self.conv_qk_grouped, *qk_tail,
-                return_window=cache is not None,
-            )
-        else:
-            query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
-            key_residual = query_residual.mean(dim=-2)  # [B, S, K, D]
-            query_residual = query_residual.view(B, S, K * G, D)
+        query_residual = (query.view(B, S, K, G, D) + key.view(B, S, K, 1, D)) * 0.5  # [B, S, K, G, D]
+        key_residual = query_residual.mean(dim=-2)  # [B, S, K, D]
 
-            qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
-            if conv_state is None:
-                qk_window = F.pad(qk_columns, (self.conv_state_size, 0))
-            else:
-                qk_window = torch.cat([conv_state, qk_columns], dim=-1)  # [B, C, W + S]
-            if seq_len == 1:
-                mixed = self.conv_last_column(qk_window)  # [B, 1, C]
-            else:
-                mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk_window)).transpose(1, 2)  # [B, S, C]
-            query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual
-            key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
+        # The causal convs read the W pre-conv columns before this step (the cache's conv state, else zeros).
+        qk_columns = torch.cat([query, key], dim=-1).transpose(1, 2)  # [B, C, S], channels: q heads then k heads
+        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        if conv_state is None:
+            history = qk_columns.new_zeros(B, qk_columns.shape[1], W)
+        else:  # a cache recording its past for `crop` holds more columns than W
+            history = conv_state.narrow(-1, conv_state.shape[-1] - W, W)
+        mixed = self.causal_conv(torch.cat([history, qk_columns], dim=-1), sequence_positions)  # [B, S, C]
+        query = mixed[..., : K * G * D].view(B, S, K * G, D) + query_residual.view(B, S, K * G, D)
+        key = mixed[..., K * G * D :].view(B, S, K, D) + key_residual
 
-        value_current = self.v_proj_current(hidden_states)  # [B, S, K*D/2]
-        value_delayed = self.v_proj_delayed(hidden_states)  # [B, S, K*D/2]
-        if value_state is None:  # the first token's delayed value is the projection of a zero token
-            value_state = self.v_proj_delayed(hidden_states.new_zeros(batch, self.v_proj_delayed.in_features))
-        value_window = torch.cat([value_state[:, None], value_delayed], dim=1)  # [B, 1 + S, K*D/2]
-        value = torch.cat([value_current, value_window[:, :-1]], dim=-1).view(B, S, K, D)
-
+        value = self.values(hidden_states, cache, sequence_positions)
         if cache is not None:
-            cache.update_cca_state(self.layer_idx, qk_window, value_window)
+            cache.update_conv_state(qk_columns, self.layer_idx, conv_kernel_size=W)
         return query, key, value
 
-    def conv_last_column(self, qk_window: torch.Tensor) -> torch.Tensor:
-        """Both causal convs at the newest position only, as a state update: `[B, C, W + 1] -> [B, 1, C]`.
+    def values(
+        self, hidden_states: torch.Tensor, cache: Cache | None, sequence_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[B, S, K, D]`: half of each value from the current token, half delayed by one (the previous token's
+        `v_proj_delayed`; at a sequence's first token, that of a zero token). Updates the cache's delayed value."""
+        batch, seq_len, hidden_size = hidden_states.shape
+        value_current = self.v_proj_current(hidden_states)  # [B, S, K*D/2]
+        value_delayed = self.v_proj_delayed(hidden_states)  # [B, S, K*D/2]
+        value_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        if value_state is None or sequence_positions is not None:
+            value_start = self.v_proj_delayed(hidden_states.new_zeros(1, 1, hidden_size))
+        previous = value_start.expand(batch, 1, -1) if value_state is None else value_state[:, None]
+        value_previous = torch.cat([previous, value_delayed[:, :-1]], dim=1)  # [B, S, K*D/2]
+        if sequence_positions is not None:
+            value_previous = torch.where((sequence_positions == 0)[..., None], value_start, value_previous)
+        if cache is not None:
+            cache.update_recurrent_state(value_delayed[:, -1], self.layer_idx, delayed_values=value_delayed)
+        value = torch.cat([value_current, value_previous], dim=-1)
+        return value.view(batch, seq_len, self.num_kv_heads, self.head_dim)
 
-        The decode step needs one output column; re-running `conv1d` over the window costs several times more.
+    def causal_conv(self, window: torch.Tensor, sequence_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Depthwise then grouped causal conv over time: `window` [B, C, W + S] (W columns of history, then the S
+        new ones) -> [B, S, C]. Prefill, decode steps and packed rows all come here.
+
+        In packed rows each output reads its own W + 1 columns with those before its sequence's start zeroed,
+        which is what running its sequence alone gives (the depthwise outputs there are then its bias, not 0).
         """
-        depthwise, grouped = self.conv_qk_depthwise, self.conv_qk_grouped
-        groups, batch, dtype = grouped.groups, qk_window.shape[0], qk_window.dtype
-        # The depthwise taps accumulate in fp32 and round once, as `conv1d` does (the grouped product below does so
-        # by itself), so that a bf16 decode step matches the full convolution bit for bit; in fp32 the casts are
-        # no-ops. Depthwise outputs at the last t1 positions, one multiply-add per tap over contiguous slices:
-        # [B, C, t1].
-        window = qk_window.float()
-        t0, t1 = depthwise.kernel_size[0], grouped.kernel_size[0]
-        mixed = depthwise.bias.float()[:, None].expand(qk_window.shape[1], t1)
-        for tap in range(t0):
-            mixed = torch.addcmul(mixed, window[..., tap : tap + t1], depthwise.weight[:, :, tap].float())
-        mixed = mixed.to(dtype)
-        # Grouped conv at the last position, one matmul per group: [G, B, (C/G)*t1] @ [G, (C/G)*t1, C/G].
-        mixed = mixed.reshape(batch, groups, -1).transpose(0, 1)
-        weight = grouped.weight.view(groups, grouped.out_channels // groups, -1)
-        out = linear(mixed, weight, grouped.bias.view(groups, 1, -1))  # [G, B, C/G]
-        return out.transpose(0, 1).reshape(batch, 1, -1)
+        if sequence_positions is None:
+            return self.conv_qk_grouped(self.conv_qk_depthwise(window)).transpose(1, 2)
+        batch, channels, _ = window.shape
+        seq_len, width = sequence_positions.shape[1], self.conv_width + 1
+        # Column j of output t's window is token t - W + j: inside t's sequence iff position_t - W + j >= 0.
+        inside = sequence_positions[:, :, None] + torch.arange(width, device=window.device) >= self.conv_width
+        windows = window.unfold(-1, width, 1) * inside[:, None].to(window.dtype)  # [B, C, S, W + 1]
+        windows = windows.permute(0, 2, 1, 3).reshape(batch * seq_len, channels, width)
+        return self.causal_conv(windows).reshape(batch, seq_len, channels)
 
 
 class ZayaQKNorm(nn.Module):
@@ -296,9 +280,9 @@ class ZayaAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "hybrid_sliding" else None
-        self.qkv_proj = CCAProjection(config, layer_idx)
+        self.qkv_proj = ZayaCCAProjection(config, layer_idx)
         self.qk_norm = ZayaQKNorm(config)
-        self.o_proj = ZayaLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(
         self,
@@ -306,35 +290,32 @@ class ZayaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
-        cache: ZayaCache | None = None,
-        **kwargs,
+        sequence_positions: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        cos, sin = position_embeddings
-        if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: QK norm + RoPE fused
-            query, key, value = self.qkv_proj(hidden_states, cache, padding_mask, qk_tail=(self.qk_norm.temp, cos, sin))
-            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
-        else:
-            query, key, value = self.qkv_proj(hidden_states, cache, padding_mask)
-            query, key = self.qk_norm(query, key)
-            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
-            query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+        query, key, value = self.qkv_proj(hidden_states, cache, padding_mask, sequence_positions)
+        query, key = self.qk_norm(query, key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, S, D]
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        return self.attend(query, key, value, attention_mask, cache, **kwargs)
 
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of `query` [B, H, S, D] over the cached and new `key` / `value` [B, K, S, D], then o_proj."""
+        batch, _, seq_len, _ = query.shape
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if self.config._attn_implementation == "sdpa" and query.device.type == "cpu":
-            fp32 = query.dtype == torch.float32
-            if query.shape[2] == 1:  # unmasked fp32 steps keep transformers' call and its exact numbers
-                packable = attention_mask is None or attention_mask.shape[1] == 1
-                use_cpu_sdpa = packable and (attention_mask is not None or not fp32)
-            else:
-                use_cpu_sdpa = attention_mask is not None and fp32
-            if use_cpu_sdpa:
-                attention_interface = cpu_sdpa_forward
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -346,8 +327,7 @@ class ZayaAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1))
-        return attn_output, attn_weights
+        return self.o_proj(attn_output.reshape(batch, seq_len, -1)), attn_weights
 
 
 class ZayaResidualScaling(nn.Module):
@@ -371,9 +351,9 @@ class ZayaRouterMLP(nn.Module):
     def __init__(self, router_hidden_size: int, num_classes: int, eps: float):
         super().__init__()
         self.norm = ZayaRMSNorm(router_hidden_size, eps=eps)
-        self.fc1 = ZayaLinear(router_hidden_size, router_hidden_size)
-        self.fc2 = ZayaLinear(router_hidden_size, router_hidden_size)
-        self.out_proj = ZayaLinear(router_hidden_size, num_classes, bias=False)
+        self.fc1 = nn.Linear(router_hidden_size, router_hidden_size)
+        self.fc2 = nn.Linear(router_hidden_size, router_hidden_size)
+        self.out_proj = nn.Linear(router_hidden_size, num_classes, bias=False)
         self.act_fn = nn.GELU()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -385,14 +365,14 @@ class ZayaRouter(nn.Module):
     """Top-1 router over E experts + 1 skip class, with a router state carried across layers.
 
     `balancing_biases` (fp32) shift the *choice* only; the expert output is weighted by the unbiased,
-    unrenormalised probability of the chosen class. Choosing the skip class (index E) means no expert output.
+    unrenormalised probability of the chosen class. A token that chooses the skip class (index E) gets no expert
+    output: it is handed to the experts as expert 0 with weight 0, so that every experts implementation runs it.
     """
 
     def __init__(self, config: ZayaConfig, layer_idx: int):
         super().__init__()
-        self.config = config
         self.num_experts = config.num_experts
-        self.down_proj = ZayaLinear(config.hidden_size, config.router_hidden_size)
+        self.down_proj = nn.Linear(config.hidden_size, config.router_hidden_size)
         self.carries_state = layer_idx > 0
         if self.carries_state:
             self.router_states_scale = nn.Parameter(torch.ones(config.router_hidden_size))
@@ -423,13 +403,13 @@ class ZayaRouter(nn.Module):
     def record_load(self, choice: torch.Tensor, biased_probs: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
         """Add this forward's tokens per class to `load_counts` and their margins (best minus second-best biased
         probability: how far a bias must move to re-route them) to `margin_sum`, on device: no host sync."""
-        tokens = torch.ones_like(choice) if padding_mask is None else padding_mask.to(choice.dtype)  # [B, S]
-        best_two = torch.topk(biased_probs, 2, dim=-1).values  # [B, S, 2]
-        margins = (best_two[..., 0] - best_two[..., 1]) * tokens
+        tokens = torch.ones_like(choice) if padding_mask is None else padding_mask.reshape(-1).to(choice.dtype)
+        best_two = torch.topk(biased_probs, 2, dim=-1).values  # [N, 2]
+        margins = (best_two[:, 0] - best_two[:, 1]) * tokens
         if self.load_counts is None or self.load_counts.device != choice.device:
             self.load_counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=choice.device)
             self.margin_sum = torch.zeros((), dtype=torch.float32, device=choice.device)
-        self.load_counts.index_add_(0, choice.reshape(-1), tokens.reshape(-1))
+        self.load_counts.index_add_(0, choice, tokens)
         self.margin_sum += margins.sum()
 
     def forward(
@@ -438,71 +418,53 @@ class ZayaRouter(nn.Module):
         router_state: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns `(logits [B, S, E+1], weight [B, S], choice [B, S], router_state for the next layer)`.
-        In training mode the choices of the tokens that `padding_mask` [B, S] keeps are counted for the balancer."""
+        """`hidden_states` [B, S, d] -> `(router_logits [N, E+1], top_k_weights [N, 1], top_k_index [N, 1],
+        router_state [B, S, r] for the next layer)`, N = B*S. In training mode the choices of the tokens that
+        `padding_mask` [B, S] keeps are counted for the balancer."""
         router_hidden = self.down_proj(hidden_states)  # [B, S, r]
-        if use_triton_kernels(self.config.kernel_backend, router_hidden):  # kernels_zaya: fused router MLP + top-1
-            carried = router_state if self.carries_state else None
-            scale = self.router_states_scale if self.carries_state else None
-            logits, weight, choice, router_hidden = router_top1(
-                router_hidden, carried, scale, self.router_mlp, self.balancing_biases
-            )
-            if self.training:
-                biased_probs = torch.softmax(logits.detach(), dim=-1).float() + self.balancing_biases
-                self.record_load(choice, biased_probs, padding_mask)
-            return logits, weight, choice, router_hidden
         if self.carries_state and router_state is not None:
             router_hidden = router_hidden + router_state * self.router_states_scale
-        logits = self.router_mlp(router_hidden)
+        logits = self.router_mlp(router_hidden).flatten(0, 1)  # [N, E+1]
         probs = torch.softmax(logits, dim=-1)
         biased_probs = probs.detach().float() + self.balancing_biases
-        # topk (not argmax) so that ties break exactly as in the reference implementations.
-        choice = torch.topk(biased_probs, 1, dim=-1).indices  # [B, S, 1]
-        weight = probs.gather(-1, choice).squeeze(-1)
-        choice = choice.squeeze(-1)
+        choice = torch.topk(biased_probs, 1, dim=-1).indices  # topk, not argmax: ties break as the reference's do
         if self.training:
-            self.record_load(choice, biased_probs, padding_mask)
-        return logits, weight, choice, router_hidden
+            self.record_load(choice[:, 0], biased_probs, padding_mask)
+        return (logits, *self.experts_arguments(probs.gather(-1, choice), choice), router_hidden)
+
+    def experts_arguments(self, weight: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(top_k_weights, top_k_index)` [N, 1] for the experts: a skip-class token as expert 0 with weight 0."""
+        skipped = choice == self.num_experts
+        return weight.masked_fill(skipped, 0.0), choice.masked_fill(skipped, 0)
 
 
+@use_experts_implementation
 class ZayaExperts(nn.Module):
-    """E SwiGLU experts stored as two 3-D parameters (checkpoint layout: rows `0:I` of gate_up are the gate)."""
+    """E SwiGLU experts stored as two 3-D parameters (checkpoint layout: rows `0:I` of gate_up are the gate).
+
+    This forward is the "eager" experts implementation; transformers' experts interface (`grouped_mm`, the default,
+    `batched_mm`, ...) and the zaya_hf package's register faster ones for the same arguments.
+    """
 
     def __init__(self, config: ZayaConfig):
         super().__init__()
-        self.config = config
         self.num_experts = config.num_experts
         self.intermediate_size = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.moe_intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`hidden_states` [N, d], `choice` [N] in 0..E (E = skip), `weight` [N] -> [N, d]; skipped rows are 0."""
-        if use_triton_kernels(self.config.kernel_backend, hidden_states):  # kernels_zaya: sorted grouped GEMMs
-            return moe_top1(hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act)
-        on_cpu = hidden_states.device.type == "cpu"
-        # Traced through (compiled on an accelerator, compiled training, or a compiled CPU decode step at batch 1-2,
-        # where the gather fuses into the product: kernels_zaya.linear; `gate_up_proj[0]` is one expert's matrix, for
-        # its rows-per-matrix count): static shapes, so gathered. Other compiled CPU inference graphs call the grouped
-        # experts as one opaque op (kernels_zaya.moe_top1_grouped).
-        traced = torch.compiler.is_compiling() and (
-            not on_cpu or torch.is_grad_enabled() or uses_compiled_matvec(hidden_states, self.gate_up_proj[0])
-        )
-        if traced or (not on_cpu and choice.numel() <= 4):
-            return self.forward_gathered(hidden_states, choice, weight)
-        return moe_top1_grouped(
-            hidden_states, choice, weight, self.gate_up_proj, self.down_proj, self.config.hidden_act
-        )
-
-    def forward_gathered(self, hidden_states: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Each token multiplies its own expert's weights, gathered: no host sync and static shapes (compilable,
-        CUDA-graph friendly); cheapest for a handful of tokens on an accelerator."""
-        is_expert = choice < self.num_experts
-        expert = choice.clamp(max=self.num_experts - 1)  # a skipped token computes any expert; its weight is 0
-        gate, up = linear(hidden_states[:, None], self.gate_up_proj[expert]).squeeze(1).chunk(2, dim=-1)  # [N, I]
-        expert_out = linear((self.act_fn(gate) * up)[:, None], self.down_proj[expert]).squeeze(1)  # [N, d]
-        return (expert_out * (weight * is_expert)[:, None]).to(hidden_states.dtype)
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` [N, d], `top_k_index` / `top_k_weights` [N, 1] -> [N, d]: each token through its expert,
+        scaled by its router weight. Only the experts some token chose run."""
+        output = torch.zeros_like(hidden_states)
+        expert_of_token = top_k_index[:, 0]
+        for expert in expert_of_token.unique().tolist():
+            tokens = (expert_of_token == expert).nonzero().squeeze(-1)
+            gate, up = F.linear(hidden_states[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_output = F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * top_k_weights[tokens]
+            output.index_add_(0, tokens, expert_output.to(output.dtype))
+        return output
 
 
 class ZayaSparseMoeBlock(nn.Module):
@@ -516,12 +478,12 @@ class ZayaSparseMoeBlock(nn.Module):
         hidden_states: torch.Tensor,
         router_state: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns `(output [B, S, d], router_logits [B*S, E+1], router_state)`."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden_states` [B, S, d] -> `(output [B, S, d], router_state)`."""
         batch, seq_len, hidden_size = hidden_states.shape
-        logits, weight, choice, router_state = self.gate(hidden_states, router_state, padding_mask)
-        output = self.experts(hidden_states.reshape(-1, hidden_size), choice.reshape(-1), weight.reshape(-1))
-        return output.view(batch, seq_len, hidden_size), logits.reshape(-1, logits.shape[-1]), router_state
+        _, top_k_weights, top_k_index, router_state = self.gate(hidden_states, router_state, padding_mask)
+        output = self.experts(hidden_states.reshape(-1, hidden_size), top_k_index, top_k_weights)
+        return output.view(batch, seq_len, hidden_size), router_state
 
 
 class ZayaDecoderLayer(GradientCheckpointingLayer):
@@ -529,7 +491,6 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: ZayaConfig, layer_idx: int):
         super().__init__()
-        self.config = config
         self.self_attn = ZayaAttention(config, layer_idx)
         self.mlp = ZayaSparseMoeBlock(config, layer_idx)
         self.input_layernorm = ZayaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -544,81 +505,103 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
-        cache: ZayaCache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`residual` is the fp32 stream; returns `(residual, router_state, router_logits, attn_weights)`."""
+        sequence_positions: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`residual` is the fp32 stream; returns `(residual, router_state)`."""
         model_dtype = self.input_layernorm.weight.dtype
-        fused = use_triton_kernels(self.config.kernel_backend, residual)  # kernels_zaya: residual merge + norm fused
-        if fused:
-            hidden_states = residual_rmsnorm(residual, self.input_layernorm)
-        else:
-            hidden_states = self.input_layernorm(residual.to(model_dtype))
-        hidden_states, attn_weights = self.self_attn(
+        hidden_states = self.input_layernorm(residual.to(model_dtype))
+        hidden_states, _ = self.self_attn(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             padding_mask=padding_mask,
+            sequence_positions=sequence_positions,
             cache=cache,
             **kwargs,
         )
-        if fused:
-            residual, hidden_states = residual_merge_rmsnorm(
-                hidden_states, residual, self.post_attention_residual_scale, self.post_attention_layernorm
-            )
-        else:
-            residual = self.post_attention_residual_scale(hidden_states, residual)
-            hidden_states = self.post_attention_layernorm(residual.to(model_dtype))
-        hidden_states, router_logits, router_state = self.mlp(hidden_states, router_state, padding_mask)
-        if fused:
-            residual, _ = residual_merge_rmsnorm(hidden_states, residual, self.post_mlp_residual_scale)
-        else:
-            residual = self.post_mlp_residual_scale(hidden_states, residual)
-        return residual, router_state, router_logits, attn_weights
+        residual = self.post_attention_residual_scale(hidden_states, residual)
+        hidden_states = self.post_attention_layernorm(residual.to(model_dtype))
+        hidden_states, router_state = self.mlp(hidden_states, router_state, padding_mask)
+        return self.post_mlp_residual_scale(hidden_states, residual), router_state
 
 
-def cca_padding_mask(attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
-    """The 2-D mask of the current step's tokens for the CCA projection, or None when nothing is padded.
-
-    Single-token steps never hold padding (a generated token is real), and all-ones masks need no zeroing.
-    """
-    if attention_mask is None or attention_mask.ndim != 2 or query_length == 1:
-        return None
-    step_mask = attention_mask[:, -query_length:]
-    if not torch.compiler.is_compiling() and bool(step_mask.all()):
-        return None
-    return step_mask
+# What can be wrong with a checkpoint's weights. The root, `CheckpointError`, and `InvalidConfigError` live with the
+# config (config.json is read first); `zaya_hf.checkpoints` raises these same classes.
 
 
-def create_zaya_masks(
+class CorruptCheckpointError(CheckpointError):
+    """A weights file is truncated or unreadable, or an index and its shards disagree about where a tensor is."""
+
+
+class MissingWeightsError(CheckpointError):
+    """Tensors the model needs are not in the checkpoint."""
+
+
+class UnexpectedWeightsError(CheckpointError):
+    """The checkpoint holds tensors the model has no place for: loading or converting it would drop them."""
+
+
+class MismatchedWeightsError(CheckpointError):
+    """A tensor's shape differs from the one the configuration implies (usually a config.json that does not fit)."""
+
+
+class InvalidWeightsError(CheckpointError):
+    """A tensor holds what no weight can be: a non-floating dtype (which loading would silently cast), or NaN/inf."""
+
+
+def position_limit(config: ZayaConfig) -> int | None:
+    """How many positions the model may run on: `max_position_embeddings` when every layer type uses the default
+    RoPE; None (no limit) when one uses another `rope_type`, a scaled RoPE being the config's claim to run longer."""
+    rope_types = {config.rope_parameters[t].get("rope_type", "default") for t in set(config.layer_types)}
+    return config.max_position_embeddings if rope_types == {"default"} else None
+
+
+def check_model_inputs(
     config: ZayaConfig,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    cache: ZayaCache | None,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """Attention mask per layer type (for the configured attention implementation), plus under `"conv"` the
-    2-D padding mask the CCA projection zeroes padded tokens with."""
-    config = config.get_text_config()
-    mask_kwargs = {
-        "config": config,
-        "inputs_embeds": inputs_embeds,
-        "attention_mask": attention_mask,
-        "cache": cache,
-        "position_ids": position_ids,
-    }
-    builders = {"hybrid": create_causal_mask, "hybrid_sliding": create_sliding_window_causal_mask}
-    masks = {layer_type: builders[layer_type](**mask_kwargs) for layer_type in set(config.layer_types)}
-    masks["conv"] = cca_padding_mask(attention_mask, inputs_embeds.shape[1])
-    return masks
-
-
-class MissingWeightsError(ValueError):
-    """A checkpoint lacks tensors the model needs."""
-
-
-class MismatchedWeightsError(ValueError):
-    """A checkpoint tensor has a different shape than the model's (usually a config that does not fit the weights)."""
+    cache: Cache | None = None,
+) -> None:
+    """Refuse, with the problem named, inputs the model would otherwise fail on cryptically: not exactly one of
+    `input_ids` / `inputs_embeds`, other than [batch, sequence(, hidden)], empty, token ids outside
+    [0, vocab_size), positions past `position_limit`. Runs once per forward (one host sync for the data-dependent
+    checks) and once per `generate()` call, never inside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if input_ids is not None and input_ids.ndim != 2:
+        hint = "; add the batch dimension: input_ids[None]" if input_ids.ndim == 1 else ""
+        raise ValueError(f"input_ids must be 2-D [batch, sequence], got shape {tuple(input_ids.shape)}{hint}.")
+    if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ValueError(
+            f"inputs_embeds must be [batch, sequence, {config.hidden_size}], got shape {tuple(inputs_embeds.shape)}."
+        )
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"Empty input of shape {tuple(inputs.shape)}: every sequence needs at least one token.")
+    if inputs.device.type == "meta":
+        return
+    limit = position_limit(config)
+    stats = list(input_ids.aminmax()) if input_ids is not None else []
+    if limit is not None and position_ids is not None:
+        stats.append(position_ids.max())
+    values = torch.stack([stat.long() for stat in stats]).tolist() if stats else []  # the one host sync
+    if input_ids is not None:
+        bad = values[0] if values[0] < 0 else values[1]
+        if not 0 <= bad < config.vocab_size:
+            raise ValueError(f"Token id {bad} is out of range: ids must be in [0, {config.vocab_size}) (vocab_size).")
+    if limit is not None:
+        past = cache.get_seq_length() if cache is not None else 0
+        last = values[-1] if position_ids is not None else past + inputs.shape[1] - 1
+        if last >= limit:
+            raise ValueError(
+                f"Position {last} is past max_position_embeddings ({limit}): the default RoPE was not trained that "
+                "far. Shorten the input, or configure a scaled rope_type in rope_parameters to run longer."
+            )
 
 
 # The Auto classes a saved folder answers to when this code travels with it (trust_remote_code).
@@ -634,6 +617,65 @@ def _preview(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+# safetensors header dtype names -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool, "U8": torch.uint8,
+    "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32,
+    "I64": torch.int64, "U64": torch.uint64,
+}  # fmt: skip
+
+
+def _stored_dtypes(state_dict: dict | None, checkpoint_files: list[str] | None) -> Iterator[tuple[str, torch.dtype, str]]:
+    """(name, dtype, where) of every stored tensor, from the safetensors headers (no data read) or the state dict."""
+    if state_dict is not None:
+        yield from ((name, tensor.dtype, "the state dict") for name, tensor in state_dict.items())
+        return
+    for file in checkpoint_files or []:
+        if not file.endswith(".safetensors"):
+            yield from ((name, tensor.dtype, file) for name, tensor in load_state_dict(file, map_location="meta").items())
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                headers = [(name, handle.get_slice(name).get_dtype()) for name in handle.keys()]
+        except SafetensorError as error:
+            raise CorruptCheckpointError(f"{file} is truncated or corrupt: {error}.") from None
+        yield from ((name, SAFETENSORS_DTYPES.get(dtype, torch.uint8), file) for name, dtype in headers)
+
+
+def check_floating(name: str, dtype: torch.dtype, where: str) -> None:
+    if not dtype.is_floating_point:
+        raise InvalidWeightsError(
+            f"{name} is stored as {str(dtype).removeprefix('torch.')} in {where}: ZAYA weights are floating point, "
+            "and an integer tensor would be cast silently."
+        )
+
+
+def count_non_finite(tensors: list[torch.Tensor]) -> list[int]:
+    """NaN/inf values per tensor (all on one device), cheaply: one sum per tensor and one host sync, as a NaN or an
+    inf makes a sum non-finite. Only a non-finite sum is re-checked element-wise (the sum may merely overflow)."""
+    finite = torch.isfinite(torch.stack([tensor.sum().float() for tensor in tensors])).tolist()
+    return [0 if ok else int((~torch.isfinite(tensor)).sum()) for tensor, ok in zip(tensors, finite)]
+
+
+def non_finite_error(bad: list[tuple[str, int]], where: str) -> InvalidWeightsError:
+    """The error for tensors holding NaN/inf: (name, count) pairs, found in `where` (a file, a checkpoint)."""
+    return InvalidWeightsError(f"{_preview([f'{name} holds {count} NaN/inf value(s)' for name, count in bad])} in {where}.")
+
+
+def _check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse NaN/inf weights, checked on the device each tensor was loaded to."""
+    by_device = defaultdict(dict)
+    for name, tensor in model.state_dict().items():  # a tied tensor is listed under each name: checked once
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            by_device[tensor.device].setdefault(tensor.data_ptr(), (name, tensor))
+    for named in by_device.values():
+        names, tensors = zip(*named.values())
+        bad = [(name, count) for name, count in zip(names, count_non_finite(list(tensors))) if count]
+        if bad:
+            raise non_finite_error(bad, where)
+
+
 class ZayaPreTrainedModel(PreTrainedModel):
     config_class = ZayaConfig
     config: ZayaConfig
@@ -644,36 +686,96 @@ class ZayaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = True  # with a ZayaStaticCache
+    _can_compile_fullgraph = True  # with a StaticCache
     _keep_in_fp32_modules_strict = ["balancing_biases"]
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(ZayaRouter, index=0),
+        "hidden_states": ZayaDecoderLayer,
+        "attentions": ZayaAttention,
+    }
+    # Faster module forwards of the zaya_hf package (`zaya_hf.ops`), by name: each installer is called with the model
+    # whenever it is built, loaded or moved, and decides for the model as it then is (device, dtype, kernel_backend).
+    # Remote code has none and runs the forwards of this file.
+    fast_paths: ClassVar[dict[str, Callable[[nn.Module], None]]] = {}
+
+    def install_fast_paths(self) -> None:
+        if self.config.kernel_backend == "triton" and "triton" not in self.fast_paths:
+            raise ImportError(
+                "kernel_backend='triton' needs the zaya_hf package with triton (pip install 'zaya-hf[triton]'): the "
+                "kernels are not part of the code that travels with a checkpoint. Use 'auto' or 'torch' without them."
+            )
+        for install in self.fast_paths.values():
+            install(self)
+
+    def post_init(self) -> None:
+        super().post_init()
+        self.install_fast_paths()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.install_fast_paths()  # for the new device / dtype
+        return self
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, except that a checkpoint missing any tensor raises instead of leaving
-        it randomly initialised (pass `allow_missing_weights=True` to start from a partial checkpoint on purpose).
-        Wrong-shaped tensors raise too, unless `ignore_mismatched_sizes=True`."""
+        """`PreTrainedModel.from_pretrained`, strict: a checkpoint that does not fit the model raises a
+        `CheckpointError` naming the tensor or file, instead of loading random, cast or garbage weights:
+
+        * `MissingWeightsError`: tensors the model needs are absent (`allow_missing_weights=True` initialises them
+          randomly, on purpose, as does `from_pretrained(None, config=..., state_dict=...)` for the tensors the
+          given state dict leaves out);
+        * `UnexpectedWeightsError`: tensors the model has no place for;
+        * `MismatchedWeightsError`: wrong shapes (unless `ignore_mismatched_sizes=True`, as in transformers);
+        * `InvalidWeightsError`: a non-floating dtype (read from the file headers) or NaN/inf values (one sum per
+          tensor where it was loaded; see `count_non_finite`);
+        * `CorruptCheckpointError`: a truncated or unreadable safetensors file.
+
+        With `output_loading_info=True` missing and unexpected tensors are reported in the returned info, as
+        transformers reports them, instead of raised."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         # Load with mismatches reported rather than raised, so that the error below can name them.
         model, loading_info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        where = f"checkpoint {source}" if source is not None else "state dict"
         mismatched = sorted(loading_info["mismatched_keys"])
         if mismatched and not ignore_mismatched_sizes:
             details = [f"{key} (checkpoint {tuple(ckpt)}, model {tuple(expected)})" for key, ckpt, expected in mismatched]
             raise MismatchedWeightsError(
-                f"The checkpoint has {len(mismatched)} tensor(s) of the wrong shape for {cls.__name__}: "
+                f"The {where} has {len(mismatched)} tensor(s) of the wrong shape for {cls.__name__}: "
                 f"{_preview(details)}. Check that config.json matches the weights."
             )
-        missing = sorted(loading_info["missing_keys"])
-        if missing and not allow_missing_weights:
-            unexpected = sorted(loading_info["unexpected_keys"])
+        missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
+        # `from_pretrained(None, config=..., state_dict=...)` builds from a config with the weights given by hand:
+        # what the state dict leaves out is initialised, as transformers does (the caller chose the tensors).
+        allow_missing_weights = allow_missing_weights or source is None
+        if missing and not (allow_missing_weights or output_loading_info):
             raise MissingWeightsError(
-                f"The checkpoint lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
+                f"The {where} lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
                 + (f"; it has {len(unexpected)} unexpected one(s): {_preview(unexpected)}" if unexpected else "")
                 + ". Refusing to initialise them randomly (allow_missing_weights=True to do so on purpose)."
             )
+        if unexpected and not output_loading_info:
+            raise UnexpectedWeightsError(
+                f"The {where} holds {len(unexpected)} tensor(s) {cls.__name__} has no place for: {_preview(unexpected)}. "
+                "Check that config.json matches the weights (output_loading_info=True reports them instead)."
+            )
+        _check_finite_weights(model, f"the {where}")
+        model.install_fast_paths()  # for the loaded weights' device and dtype
         return (model, loading_info) if output_loading_info else model
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """transformers' loader (`from_pretrained` calls it with the resolved files), after refusing stored weights of
+        a non-floating dtype, which it would cast to the model's dtype without a word. Reads only the headers."""
+        if not load_config.is_quantized:  # quantized checkpoints store integer weights by design
+            expected = set(model.state_dict())
+            for name, dtype, where in _stored_dtypes(state_dict, checkpoint_files):
+                if name in expected:
+                    check_floating(name, dtype, where)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` (and so `push_to_hub`). When the code travels with the checkpoint
@@ -705,7 +807,9 @@ class ZayaPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, ZayaRotaryEmbedding):
             for layer_type in module.layer_types:
-                init.copy_(getattr(module, f"{layer_type}_inv_freq"), module.compute_inv_freq(module.config, layer_type))
+                inv_freq, _ = module.compute_inv_freq(layer_type)
+                init.copy_(getattr(module, f"{layer_type}_inv_freq"), inv_freq)
+                init.copy_(getattr(module, f"{layer_type}_original_inv_freq"), inv_freq)
 
 
 class ZayaModel(ZayaPreTrainedModel):
@@ -713,7 +817,6 @@ class ZayaModel(ZayaPreTrainedModel):
 
     def __init__(self, config: ZayaConfig):
         super().__init__(config)
-        check_kernel_backend(config.kernel_backend)  # "triton" without triton fails here, not at the first forward
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
@@ -729,87 +832,138 @@ class ZayaModel(ZayaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: ZayaCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
-        if "past_key_values" in kwargs:  # deprecated alias, as in transformers
-            cache = kwargs.pop("past_key_values") if cache is None else cache
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
-        if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False.")
-            use_cache = False
-        if cache is not None and not isinstance(cache, ZayaCache):
-            raise TypeError(
-                f"ZAYA needs a ZayaCache (keys/values plus CCA conv and delayed-value state), got {type(cache).__name__}."
-            )
-        if use_cache and cache is None:
-            cache = ZayaCache(self.config)
-
+        check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+
+        if position_ids is None and "cu_seq_lens_q" in kwargs:  # a padding-free batch described by its boundaries
+            position_ids = positions_from_cu_seq_lens(kwargs["cu_seq_lens_q"], seq_len)[None]
+        sequence_positions = packed_sequence_positions(position_ids, attention_mask, batch, seq_len)
+        if sequence_positions is not None:
+            attention_mask, use_cache = check_packed_inputs(attention_mask, cache, use_cache)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not (self.training and torch.is_grad_enabled())
+        if use_cache and cache is None:  # as transformers' models do; generate() brings a ZayaCache
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            check_cache(cache, self.config.num_hidden_layers)
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None] + past_seen
 
         masks = attention_mask  # already prepared per layer type, e.g. by `create_masks_for_generate`
         if not isinstance(masks, dict):
-            masks = create_zaya_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
-        layer_types = sorted(set(self.config.layer_types))
-        position_embeddings = {t: self.rotary_emb(inputs_embeds, position_ids, t) for t in layer_types}
+            # Packed rows get block-diagonal masks, which transformers derives from the positions without a cache.
+            mask_cache = cache if sequence_positions is None else None
+            masks = create_zaya_masks(self.config, inputs_embeds, attention_mask, mask_cache, position_ids)
+        position_embeddings = {t: self.rotary_emb(inputs_embeds, position_ids, t) for t in set(self.config.layer_types)}
 
         # The residual stream is fp32 ("residual in fp32"); the input scaling itself runs in the model dtype.
         residual = ((inputs_embeds + self.input_hidden_states_bias) * self.input_hidden_states_scale).to(torch.float32)
         router_state = None
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        all_router_logits = () if output_router_logits else None
         for layer_idx, decoder_layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (residual,)
             layer_type = self.config.layer_types[layer_idx]
-            residual, router_state, router_logits, attn_weights = decoder_layer(
+            residual, router_state = decoder_layer(
                 residual,
                 router_state,
                 position_embeddings=position_embeddings[layer_type],
                 attention_mask=masks[layer_type],
                 padding_mask=masks["conv"],
+                sequence_positions=sequence_positions,
                 cache=cache,
                 **kwargs,
             )
-            if output_attentions:
-                all_attentions += (attn_weights,)
-            if output_router_logits:
-                all_router_logits += (router_logits,)
-
         hidden_states = self.norm(residual.to(self.norm.weight.dtype))
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return MoeModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            router_logits=all_router_logits,
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+def positions_from_cu_seq_lens(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """In-sequence positions [total] of a padding-free row whose sequences end at `cu_seq_lens` (0, l1, l1+l2, ...)."""
+    lengths = cu_seq_lens[1:] - cu_seq_lens[:-1]
+    starts = torch.repeat_interleave(cu_seq_lens[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu_seq_lens.device) - starts
+
+
+def packed_sequence_positions(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | dict | None, batch: int, seq_len: int
+) -> torch.Tensor | None:
+    """The positions [B, S] of rows holding several sequences (positions restarting mid-row, as padding-free
+    collators and TRL's `padding_free=True` make), else None. A restart right after padding is just left padding."""
+    if position_ids is None or seq_len == 1 or isinstance(attention_mask, dict):
+        return None
+    position_ids = position_ids.expand(batch, seq_len)
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if attention_mask is not None and attention_mask.ndim == 2:
+        real = attention_mask[:, -seq_len:].bool()  # the mask may cover cached tokens too
+        restarts = restarts & real[:, 1:] & real[:, :-1]
+    if not torch.compiler.is_compiling() and not bool(restarts.any()):
+        return None
+    return position_ids
+
+
+def check_packed_inputs(
+    attention_mask: torch.Tensor | None, cache: Cache | None, use_cache: bool | None
+) -> tuple[None, bool]:
+    """Packed rows run exactly on their own: not into a cache, not mixed with padding. Refuse what is not so;
+    returns the attention mask and `use_cache` to run them with."""
+    if cache is not None or use_cache:
+        raise ValueError(
+            "Packed sequences (position_ids restarting mid-row) run without a cache: pass cache=None and use_cache "
+            "unset or False."
         )
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "Packed sequences (position_ids restarting mid-row) take no attention_mask (or an all-ones one): their "
+            "masks are derived from the positions, and padding-free rows hold no padding."
+        )
+    return None, False
+
+
+def check_cache(cache: Cache, num_layers: int) -> None:
+    """A cache the model can run on: one layer per decoder layer, each holding conv and recurrent state."""
+    layers = getattr(cache, "layers", [])
+    if len(layers) != num_layers or not all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers):
+        raise TypeError(
+            f"ZAYA needs a cache with conv and recurrent state in each of its {num_layers} layers: pass "
+            f"ZayaCache(config) (or transformers' DynamicCache(config=config) / StaticCache(config, ...)), got "
+            f"{type(cache).__name__} with {len(layers)} layer(s) of {sorted({type(layer).__name__ for layer in layers})}."
+        )
+
+
+def create_zaya_masks(
+    config: ZayaConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Attention mask per layer type (for the configured attention implementation), plus under `"conv"` the
+    2-D padding mask the CCA projection zeroes padded tokens with."""
+    config = config.get_text_config()
+    mask_kwargs = {
+        "config": config,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": attention_mask,
+        "cache": cache,
+        "position_ids": position_ids,
+    }
+    builders = {"hybrid": create_causal_mask, "hybrid_sliding": create_sliding_window_causal_mask}
+    masks = {layer_type: builders[layer_type](**mask_kwargs) for layer_type in set(config.layer_types)}
+    masks["conv"] = create_recurrent_attention_mask(**mask_kwargs)
+    return masks
 
 
 def load_balancing_loss(
@@ -831,7 +985,7 @@ def load_balancing_loss(
 
 
 class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin):
-    """ZAYA1 language model (tied embedding head). `generate()` runs on a `ZayaCache`."""
+    """ZAYA1 language model (tied embedding head). `generate()` runs on a `ZayaCache` (or a `StaticCache`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -839,29 +993,30 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
         super().__init__(config)
         self.model = ZayaModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = ZayaLinear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: ZayaCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
-        """Standard causal-LM forward. `labels` are shifted inside the loss, which honours `num_items_in_batch`
-        (passed by Trainer) for correct gradient accumulation."""
+        """Standard causal-LM forward. The loss is transformers' (`labels` shifted inside, or `shift_labels` given
+        as they are, as sequence parallelism does; `num_items_in_batch` from Trainer for exact accumulation)."""
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(
+        outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -871,18 +1026,15 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             output_router_logits=output_router_logits,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = aux_loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch)
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         if output_router_logits:
-            if isinstance(attention_mask, dict):  # masks already prepared per layer type, as by `generate()`
-                padding_mask = attention_mask.get("conv")
-            else:
-                padding_mask = cca_padding_mask(attention_mask, hidden_states.shape[1])
+            padding_mask = attention_mask.get("conv") if isinstance(attention_mask, dict) else attention_mask
+            if padding_mask is not None and padding_mask.ndim != 2:
+                padding_mask = None
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts, padding_mask)
             if loss is not None and self.config.router_aux_loss_coef:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
@@ -897,14 +1049,31 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             router_logits=outputs.router_logits,
         )
 
+    def _prepare_model_inputs(self, inputs, bos_token_id, model_kwargs):
+        """generate() hook, once per call: the prompt is checked before transformers indexes into it."""
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        check_model_inputs(self.config, **{input_name: inputs_tensor})
+        return inputs_tensor, input_name, model_kwargs
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """generate() hook, once per call: a generation that would run past `position_limit` fails before it starts."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = position_limit(self.config)
+        if limit is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"The prompt ({input_ids_length} tokens) plus max_new_tokens would reach {generation_config.max_length} "
+                f"tokens, past max_position_embeddings ({limit}): lower max_new_tokens to at most "
+                f"{limit - input_ids_length}."
+            )
+
     @staticmethod
     def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
         return create_zaya_masks(config, inputs_embeds, attention_mask, cache, position_ids)
 
     def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
         """generate() hook: a `compile_config` passed explicitly compiles the decode step on CPU too (with a static
-        cache; bench-small decodes 2-3x faster than eager at batch 1), where transformers compiles on accelerators
-        only unless the private `CompileConfig._compile_all_devices` is set."""
+        cache), where transformers compiles on accelerators only unless the private
+        `CompileConfig._compile_all_devices` is set."""
         compile_config = generation_config.compile_config
         if compile_config is not None and not compile_config._compile_all_devices:
             compile_config = copy.copy(compile_config)  # the caller's object stays as it was
@@ -915,36 +1084,30 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        """generate() hook: give every generation mode a `ZayaCache`, never transformers' stock hybrid cache."""
-        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        if user_cache is not None:
-            if not isinstance(user_cache, ZayaCache):
-                raise TypeError(f"ZAYA generation needs a ZayaCache, got {type(user_cache).__name__}.")
-            if generation_config.cache_implementation is not None:
-                raise ValueError("Pass either `cache` or `cache_implementation`, not both.")
-            user_cache._is_user_defined = True
-            user_cache.set_max_length(max_cache_length)
-            model_kwargs["cache"] = model_kwargs.pop("past_key_values", user_cache)
-            return
-        if generation_config.use_cache is False:
-            return
-        implementation = generation_config.cache_implementation
-        if implementation in (None, "dynamic"):
-            model_kwargs["cache"] = ZayaCache(self.config)
-            model_kwargs["cache"].set_max_length(max_cache_length)
-        elif implementation == "static":
-            # Reuse the longest length seen so far, so that a compiled decode step is not recompiled.
-            max_cache_length = max(max_cache_length, generation_config.max_cache_len or 0)
-            max_cache_length = max(max_cache_length, getattr(self, "_previous_max_cache_length", 0))
-            self._previous_max_cache_length = max_cache_length
-            model_kwargs["cache"] = ZayaStaticCache(self.config, max_cache_len=max_cache_length)
-        else:
-            raise ValueError(
-                f"cache_implementation={implementation!r} is not supported by ZAYA; use 'dynamic' (the default "
-                "ZayaCache) or 'static' (ZayaStaticCache, for torch.compile)."
-            )
-        if generation_config.is_assistant:
-            model_kwargs["cache"].activate_past_recording()
+        """generate() hook: where transformers would build its `DynamicCache`, build a `ZayaCache` (its batch
+        operations and `crop` move every CCA state), with room reserved up to the call's length."""
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+        cache = model_kwargs.get("cache")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            cache = ZayaCache(self.config, offloading=cache.offloading)
+            if generation_config.is_assistant:
+                cache.activate_past_recording()
+            model_kwargs["cache"] = cache
+        if isinstance(cache, ZayaCache):
+            cache.set_max_length(max_cache_length)
 
 
-__all__ = ["MismatchedWeightsError", "MissingWeightsError", "ZayaPreTrainedModel", "ZayaModel", "ZayaForCausalLM"]
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "InvalidConfigError",
+    "InvalidWeightsError",
+    "MismatchedWeightsError",
+    "MissingWeightsError",
+    "UnexpectedWeightsError",
+    "ZayaPreTrainedModel",
+    "ZayaModel",
+    "ZayaForCausalLM",
+]
