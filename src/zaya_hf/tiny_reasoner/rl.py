@@ -41,10 +41,8 @@ class RLRecipe:
     max_operations: int = 6
     raise_threshold: float = 0.75
     raise_attempts: int = 128
-    # The PID bias balancer keeps running, with fine-tuning gains (`BiasBalancer(kp=..., ki=...)`).
+    # The bias balancer (`BiasBalancer()`: the adaptive PID, as in supervised training) keeps running.
     bias_balancing: bool = True
-    balancer_kp: float = 0.0
-    balancer_ki: float = 0.05
     # LoRA on these `zaya_hf.training.lora_config` targets instead of full weights (None: full weights)
     lora_targets: tuple[str, ...] | None = None
 
@@ -88,9 +86,7 @@ def train_grpo(model, tokenizer, recipe: RLRecipe, spec: TaskSpec, seed: int, pr
         from ..training import lora_config
 
         peft_config = lora_config(recipe.lora_targets)
-    balancing = (
-        BiasBalancingCallback(kp=recipe.balancer_kp, ki=recipe.balancer_ki) if recipe.bias_balancing else None
-    )
+    balancing = BiasBalancingCallback() if recipe.bias_balancing else None
     with tempfile.TemporaryDirectory(prefix="zaya-grpo-") as scratch:
         args = GRPOConfig(
             output_dir=scratch,
