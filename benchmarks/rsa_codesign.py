@@ -1,29 +1,27 @@
 """The co-design experiment: does training for aggregation make Markovian RSA gain more?
 
-For each model (e.g. the embedded model, trained with aggregation prompts in SFT and RL, and a control trained on
-plain problems only with the same budget), on the same held-out problems and with the same seeds:
+For each model (e.g. one trained with aggregation prompts in SFT and RL, and a control trained on plain problems
+only with the same budget: `examples/train_tiny_reasoner.py --aggregation-fraction 0 --rl-aggregation-fraction 0`),
+on the same held-out problems with the same seeds, through the evaluation harness of `zaya-hf eval`
+(`zaya_hf.serving.evaluation`, method "rsa", the demo's settings T=2 N=16 C=4):
 
 * greedy: one greedy completion per problem;
-* single rollout: the mean correctness of Markovian RSA's N round-0 rollouts (temperature 1.0), i.e. the expected
-  accuracy of one sampled rollout;
-* round-0 majority: the majority vote over those N rollouts (what voting gives without any aggregation);
-* Markovian RSA: the majority vote over the final population after T aggregation rounds.
+* single rollout: the mean correctness of the N round-0 rollouts (temperature 1.0): one sampled rollout's accuracy;
+* round-0 majority: the majority vote over those N rollouts (voting without any aggregation);
+* Markovian RSA: the majority vote over the final population after T aggregation rounds;
+* the RSA gain (RSA minus single rollout, per problem) and, for the first two models, the difference of their gains.
 
-95% confidence intervals come from a paired bootstrap over problems (the problem is the unit: the N rollouts of one
-problem are not independent draws of the accuracy), for every accuracy, for each model's RSA gain over its single
-rollout and for the difference between the two models' gains.
+95% intervals: the harness's (Wilson's for successes, the normal approximation for mean accuracies); for gains and
+their difference, the normal approximation of the mean of the per-problem differences (paired: the same problems).
+Results are appended per problem to `--results-dir/LABEL.results.jsonl`, so a run with more `--problems` resumes
+after the problems already done.
 
-    python benchmarks/rsa_codesign.py --model co-trained=src/zaya_hf/default_model --model control=runs/control \\
+    python benchmarks/rsa_codesign.py --model co-trained=runs/co-trained --model control=runs/control \\
         --problems 256 --out benchmarks/results/rsa_codesign.json
-
-Progress goes to stderr; the summary table to stdout and, with --out, everything (per-problem records included) to
-a JSON file next to a .txt copy of the table.
 """
 
 import argparse
-import dataclasses
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -31,56 +29,83 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zaya_hf.generation_zaya import (
-    LocalGenerationEngine,
-    MarkovianRSAConfig,
-    answers_match,
-    encode_chat,
-    extract_boxed_answer,
-    majority_vote,
-    mean_accuracy,
-    question_messages,
-    run_markovian_rsa,
-)
+from zaya_hf.generation_zaya import LocalGenerationEngine, MarkovianRSAConfig
+from zaya_hf.serving.evaluation import ResultsFile, evaluate, interval_95, settings_of, summarize
 from zaya_hf.tiny_reasoner import DEMO_RSA_SETTINGS
+from zaya_hf.tiny_reasoner.evaluation import evaluate_greedy, held_out_problem_set
 from zaya_hf.tiny_reasoner.task import held_out_problems
 
-BOOTSTRAP_SAMPLES = 10_000
+
+def difference_interval_95(differences: list[float]) -> tuple[float, float]:
+    """95% interval of the mean of per-problem differences in [-1, 1]: the harness's normal approximation on
+    (d + 1) / 2, which lies in [0, 1], mapped back."""
+    low, high = interval_95([(d + 1) / 2 for d in differences], binary=False)
+    return 2 * low - 1, 2 * high - 1
 
 
-def per_problem_results(model, tokenizer, problems, config: MarkovianRSAConfig) -> list[dict]:
-    """Round-0 mean correctness and majority, and the final majority, of one Markovian RSA run per problem (the seed
-    of problem i is `config.seed + 1000 * i`, as in `zaya-hf demo`)."""
-    engine = LocalGenerationEngine(model, tokenizer)
-    rows = []
-    for index, problem in enumerate(problems):
-        seeded = dataclasses.replace(config, seed=config.seed + 1000 * index)
-        result = run_markovian_rsa(engine, problem.question, tokenizer, seeded, progress=False)
-        reference = str(problem.answer)
-        first = [extract_boxed_answer(text) for text in result.rounds[0].completions]
-        rows.append({
-            "question": problem.question,
-            "answer": problem.answer,
-            "single": mean_accuracy(first, reference),
-            "round0_majority": float(answers_match(majority_vote(first), reference)),
-            "rsa": float(result.majority_correct(reference)),
-            "rsa_population_mean": result.mean_accuracy(reference),
-            "tokens": result.generated_tokens,
-        })
-        if (index + 1) % 16 == 0:
-            print(f"  {index + 1}/{len(problems)} problems", file=sys.stderr, flush=True)
-    return rows
+def per_problem_gains(records: list[dict]) -> list[float]:
+    """Final majority correctness minus the round-0 mean correctness, per problem."""
+    return [float(r["rounds"][-1]["majority_correct"]) - sum(r["rounds"][0]["correct"]) / len(r["rounds"][0]["correct"])
+            for r in records]
 
 
-def bootstrap(values_per_problem: list[float], rng: random.Random) -> tuple[float, float, float]:
-    """(mean, 2.5th percentile, 97.5th percentile) of the mean over problems, resampling problems."""
-    count = len(values_per_problem)
-    values = torch.tensor(values_per_problem, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(rng.randrange(2**31))
-    picks = torch.randint(count, (BOOTSTRAP_SAMPLES, count), generator=generator)
-    means = values[picks].mean(dim=1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return values.mean().item(), low, high
+def evaluate_model(label: str, path: str, problem_seed: int, count: int, config: MarkovianRSAConfig,
+                   results_dir: Path) -> dict:
+    problems = held_out_problem_set(count, seed=problem_seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    results = ResultsFile(results_dir / f"{label}.results.jsonl", settings_of("rsa", config, f"local:{path}"))
+    start = time.perf_counter()
+    done = [0]
+
+    def progress(_record):
+        done[0] += 1
+        if done[0] % 16 == 0:
+            print(f"  {label}: {done[0]} new problems done", file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        records, resumed = evaluate(LocalGenerationEngine(model, tokenizer), tokenizer, problems, config, results,
+                                    on_problem=progress)
+        greedy = evaluate_greedy(model, tokenizer, held_out_problems(count, seed=problem_seed))
+    summary = summarize(records)
+    gains = per_problem_gains(records)
+    successes = [1.0] * round(greedy * count) + [0.0] * (count - round(greedy * count))
+    first, last = summary["rounds"][0], summary["rounds"][-1]
+    return {
+        "path": path,
+        "seconds_this_run": round(time.perf_counter() - start, 1),
+        "problems_resumed": resumed,
+        "greedy": (greedy, *interval_95(successes, binary=True)),
+        "single": (first["mean_accuracy"], *first["mean_accuracy_ci95"]),
+        "round0_majority": (first["majority_accuracy"], *first["majority_accuracy_ci95"]),
+        "rsa": (last["majority_accuracy"], *last["majority_accuracy_ci95"]),
+        "rsa_population_mean": (last["mean_accuracy"], *last["mean_accuracy_ci95"]),
+        "rsa_gain": (sum(gains) / count, *difference_interval_95(gains)),
+        "tokens_per_problem": summary["tokens_per_problem"],
+        "rounds": summary["rounds"],
+        "gains": gains,
+    }
+
+
+NAMES = {"greedy": "greedy", "single": "single rollout", "round0_majority": "round-0 majority (no aggregation)",
+         "rsa": "Markovian RSA (majority of the final population)", "rsa_population_mean": "  its population mean",
+         "rsa_gain": "RSA gain over single rollout"}
+
+
+def format_table(header: str, models: dict, comparison: dict | None) -> str:
+    lines = [header, ""]
+    for label, entry in models.items():
+        lines.append(f"{label}  ({entry['path']})")
+        for key, name in NAMES.items():
+            mean, low, high = entry[key]
+            signed = "+" if key == "rsa_gain" else ""
+            lines.append(f"  {name:<50} {mean:{signed}7.1%}  [{low:{signed}7.1%}, {high:{signed}7.1%}]")
+        lines.append(f"  {'decode tokens per problem (all rounds)':<50} {entry['tokens_per_problem']:7.1f}")
+    if comparison is not None:
+        mean, low, high = comparison["gain_difference"]
+        lines.append(f"RSA gain of {comparison['first']} minus that of {comparison['second']} (paired): "
+                     f"{mean:+.1%}  [{low:+.1%}, {high:+.1%}]")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,92 +116,55 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--problem-seed", type=int, default=1234)
     parser.add_argument("--seed", type=int, default=0, help="Markovian RSA seed (sampling and subsets)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="JSON file to write (a .txt with the table goes next to it)")
+    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results/rsa_codesign"),
+                        help="per-problem results, one JSONL per model (resumed)")
+    parser.add_argument("--out", type=Path, help="summary JSON to write (a .txt with the table goes next to it)")
     args = parser.parse_args(argv)
     models = []
     for spec in args.model:
         label, sep, path = spec.partition("=")
         if not sep or not label or not path:
             parser.error(f"--model {spec!r}: expected LABEL=PATH.")
+        if not Path(path).is_dir():
+            parser.error(f"--model {spec!r}: {path} is no folder.")
         models.append((label, path))
+    if len({label for label, _ in models}) != len(models):
+        parser.error("--model labels must differ.")
+    if args.problems < 2:
+        parser.error(f"--problems must be at least 2, got {args.problems}.")
     torch.set_num_threads(args.threads)
     config = MarkovianRSAConfig(**DEMO_RSA_SETTINGS, seed=args.seed)
-    problems = held_out_problems(args.problems, seed=args.problem_seed)
 
     results = {}
     for label, path in models:
         print(f"{label}: {path}", file=sys.stderr, flush=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        start = time.perf_counter()
-        with torch.no_grad():
-            greedy = [
-                float(answers_match(extract_boxed_answer(text), str(p.answer)))
-                for text, p in zip(greedy_texts(model, tokenizer, problems), problems)
-            ]
-            rows = per_problem_results(model, tokenizer, problems, config)
-        for row, score in zip(rows, greedy):
-            row["greedy"] = score
-        results[label] = {"path": path, "seconds": round(time.perf_counter() - start, 1), "problems": rows}
-
-    rng = random.Random(0)
-    summary = {}
-    for label, result in results.items():
-        rows = result["problems"]
-        column = {key: [row[key] for row in rows] for key in ("greedy", "single", "round0_majority", "rsa")}
-        column["rsa_gain"] = [row["rsa"] - row["single"] for row in rows]
-        summary[label] = {key: bootstrap(values, rng) for key, values in column.items()}
+        results[label] = evaluate_model(label, path, args.problem_seed, args.problems, config,
+                                        args.results_dir)
+    comparison = None
     if len(models) >= 2:
         (first, _), (second, _) = models[:2]
-        difference = [
-            (a["rsa"] - a["single"]) - (b["rsa"] - b["single"])
-            for a, b in zip(results[first]["problems"], results[second]["problems"])
-        ]
-        summary[f"gain difference ({first} - {second})"] = {"rsa_gain": bootstrap(difference, rng)}
+        difference = [a - b for a, b in zip(results[first]["gains"], results[second]["gains"])]
+        comparison = {"first": first, "second": second,
+                      "gain_difference": (sum(difference) / len(difference), *difference_interval_95(difference))}
 
-    table = format_table(summary, args, config)
+    header = (f"{args.problems} held-out problems (seed {args.problem_seed}); Markovian RSA T={config.rounds} "
+              f"N={config.population} C={config.subset_size} β={config.rollout_tokens} τ={config.tail_tokens}, "
+              f"temperature 1.0, seed {config.seed}, {args.threads} thread(s); 95% intervals (see the script)")
+    table = format_table(header, results, comparison)
     print(table)
+    command = "python benchmarks/rsa_codesign.py " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {
-        "command": "python benchmarks/rsa_codesign.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "settings": {**DEMO_RSA_SETTINGS, "seed": args.seed, "problems": args.problems,
-                     "problem_seed": args.problem_seed, "threads": args.threads,
-                     "bootstrap_samples": BOOTSTRAP_SAMPLES},
-        "summary": {label: {key: dict(zip(("mean", "ci_low", "ci_high"), value)) for key, value in entry.items()}
-                    for label, entry in summary.items()},
-        "models": results,
+                     "problem_seed": args.problem_seed, "threads": args.threads},
+        "models": {label: {k: v for k, v in entry.items() if k != "gains"} for label, entry in results.items()},
+        "comparison": comparison,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")
-        args.out.with_suffix(".txt").write_text(f"$ {record['command']}\n\n{table}\n")
+        args.out.with_suffix(".txt").write_text(f"$ {command}\n\n{table}\n")
     return record
-
-
-def greedy_texts(model, tokenizer, problems) -> list[str]:
-    """Greedy completions (`evaluate_greedy`'s decoding, kept per problem), in left-padded batches of 64."""
-    engine = LocalGenerationEngine(model, tokenizer)
-    texts = []
-    for start in range(0, len(problems), 64):
-        prompts = [encode_chat(tokenizer, question_messages(p.question)) for p in problems[start:start + 64]]
-        batch = engine.generate(prompts, max_new_tokens=128, sampling={"do_sample": False}, seed=None)
-        texts += [c.text for c in batch.completions]
-    return texts
-
-
-def format_table(summary: dict, args, config: MarkovianRSAConfig) -> str:
-    names = {"greedy": "greedy", "single": "single rollout", "round0_majority": "round-0 majority (no aggregation)",
-             "rsa": f"Markovian RSA (T={config.rounds}, N={config.population}, C={config.subset_size})",
-             "rsa_gain": "RSA gain over single rollout"}
-    lines = [f"{args.problems} held-out problems (seed {args.problem_seed}); Markovian RSA T={config.rounds} "
-             f"N={config.population} C={config.subset_size} β={config.rollout_tokens} τ={config.tail_tokens}, "
-             f"temperature 1.0, seed {config.seed}; 95% intervals: paired bootstrap over problems "
-             f"({BOOTSTRAP_SAMPLES} resamples)", ""]
-    for label, entry in summary.items():
-        lines.append(label)
-        for key, (mean, low, high) in entry.items():
-            lines.append(f"  {names[key]:<40} {mean:+7.1%}  [{low:+7.1%}, {high:+7.1%}]" if key == "rsa_gain"
-                         else f"  {names[key]:<40} {mean:7.1%}  [{low:7.1%}, {high:7.1%}]")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Markovian RSA aggregation prompts built from the model's own rollouts. CPU only,
     python examples/grpo_tiny_reasoner.py --out my-rl-model --max-steps 20     # a few minutes on one thread
     python examples/grpo_tiny_reasoner.py --model my-sft-model --out my-rl-model  # the recipe's RL stage on a model
 
-It starts from `--model` (default: the embedded model, which already went through this stage: `train_tiny_reasoner.py`
-runs supervised training and then this same stage), prints the logged reward curve and the greedy held-out accuracy
+It starts from `--model` (default: the embedded model, which is supervised only; `train_tiny_reasoner.py --rl-steps N`
+runs this same stage after supervised training), prints the logged reward curve and the greedy held-out accuracy
 before and after, and saves the model (bf16), tokenizer and `rl_summary.json` to `--out`.
 """
 
@@ -23,6 +23,7 @@ from zaya_hf.tiny_reasoner.evaluation import evaluate_greedy
 from zaya_hf.tiny_reasoner.recipe import save_without_remote_code
 from zaya_hf.tiny_reasoner.rl import RLRecipe, train_grpo
 from zaya_hf.tiny_reasoner.task import TaskSpec, held_out_problems
+from zaya_hf.training import LORA_PRESETS
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--aggregation-fraction", type=float, default=defaults.aggregation_fraction,
                         help="share of the steps on aggregation prompts (0: plain problems only)")
-    parser.add_argument("--lora", nargs="+", choices=["attention", "experts", "router"], default=None,
+    parser.add_argument("--lora", nargs="+", choices=LORA_PRESETS, default=None,
                         help="train LoRA adapters on these parts (merged before saving) instead of all weights")
     parser.add_argument("--no-bias-balancing", action="store_true", help="train without the router bias controller")
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for the greedy check")
@@ -47,12 +48,17 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--max-steps must be at least 1, got {args.max_steps}.")
     if os.path.exists(args.out) and os.listdir(args.out):
         parser.error(f"--out {args.out} exists and is not empty; choose a new folder.")
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model} is no folder (this example never downloads).")
+    try:
+        recipe = RLRecipe(
+            max_steps=args.max_steps, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+            learning_rate=args.learning_rate, aggregation_fraction=args.aggregation_fraction,
+            bias_balancing=not args.no_bias_balancing, lora_targets=tuple(args.lora) if args.lora else None,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
-    recipe = RLRecipe(
-        max_steps=args.max_steps, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
-        learning_rate=args.learning_rate, aggregation_fraction=args.aggregation_fraction,
-        bias_balancing=not args.no_bias_balancing, lora_targets=tuple(args.lora) if args.lora else None,
-    )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     problems = held_out_problems(args.eval_problems) if args.eval_problems else []

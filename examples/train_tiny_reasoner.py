@@ -1,11 +1,12 @@
 """Train the embedded default model: a small ZAYA that solves multi-step arithmetic with `<think>` working and
-was trained, like ZAYA1-8B, on Markovian RSA aggregation prompts, first supervised and then with GRPO (TRL).
+was trained, like ZAYA1-8B, on Markovian RSA aggregation prompts; supervised, then optionally with GRPO (TRL).
 CPU only, offline.
 
     python examples/train_tiny_reasoner.py --out my-tiny-reasoner          # the shipped recipe and seed
     python examples/train_tiny_reasoner.py --out /tmp/t --max-steps 5 --rl-steps 2   # a quick check that it runs
-    python examples/train_tiny_reasoner.py --out control --aggregation-fraction 0 --rl-aggregation-fraction 0
-                                                        # the co-design control: plain problems only, same budget
+    python examples/train_tiny_reasoner.py --out rl --rl-steps 300          # then 300 GRPO steps (not shipped)
+    python examples/train_tiny_reasoner.py --out control --rl-steps 300 --aggregation-fraction 0 \
+        --rl-aggregation-fraction 0                     # the co-design control: plain problems only, same budget
 
 The shipped model (`zaya_hf/default_model/`) is this script's output with the default arguments.
 """
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="problems whose texts train the tokenizer")
     parser.add_argument("--aggregation-fraction", type=float, default=defaults.aggregation_fraction,
                         help="share of the supervised batches that are aggregation prompts")
-    parser.add_argument("--rl-steps", type=int, default=defaults.rl.max_steps, help="GRPO steps (0: supervised only)")
-    parser.add_argument("--rl-aggregation-fraction", type=float, default=defaults.rl.aggregation_fraction,
+    parser.add_argument("--rl-steps", type=int, default=defaults.rl.max_steps,
+                        help="GRPO steps after supervised training (default 0: supervised only, as shipped)")
+    parser.add_argument("--rl-aggregation-fraction", type=float, default=RLRecipe().aggregation_fraction,
                         help="share of the GRPO steps on aggregation prompts over the model's own rollouts")
     parser.add_argument("--no-bias-balancing", action="store_true", help="train without the router bias controller")
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for the final greedy check")

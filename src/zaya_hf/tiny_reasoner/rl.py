@@ -47,6 +47,18 @@ class RLRecipe:
     lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        for name in ("max_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("prompts_per_step", "num_generations", "max_completion_length", "subset_size", "tail_tokens",
+                     "max_operations", "raise_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.aggregation_fraction <= 1.0:
+            raise ValueError(f"aggregation_fraction must be in [0, 1], got {self.aggregation_fraction}.")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (GRPO's advantages compare a prompt's rollouts), got "
+                             f"{self.num_generations}.")
         if self.num_generations < self.subset_size:
             raise ValueError(
                 f"num_generations ({self.num_generations}) must be >= subset_size ({self.subset_size}): an aggregation "
