@@ -2,6 +2,7 @@
 from the policy's own rollouts, and a short GRPOTrainer run on a tiny model (offline: everything is built here)."""
 
 import random
+import socket
 
 import pytest
 import torch
@@ -35,6 +36,17 @@ WORDS = f"Compute + - = . {DIGITS} a b c d e f g h \\boxed{{3}} \\boxed{{4}}"
 @pytest.fixture(scope="module")
 def tokenizer():
     return toy_chat_tokenizer([WORDS])
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt (a download, a Hub call, telemetry) fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access during a GRPO test: {args[1:] or kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def solved(answer: str) -> str:
@@ -105,8 +117,22 @@ def test_aggregation_prompts_are_markovian_rsa_prompts_over_the_pooled_rollouts(
     assert aggregate["answer"] == "3" and aggregate["prompt"][0]["content"].startswith("You are given a math problem")
     with pytest.raises(ValueError, match="RolloutPool"):
         RLPromptStream(lambda level, rng: ("q", "1"), difficulty, 3, 0, aggregation_fraction=0.5)
-    with pytest.raises(ValueError, match="subset_size"):
-        RLRecipe(num_generations=2, subset_size=4)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"num_generations": 2, "subset_size": 4}, r"must be >= subset_size \(4\)"),
+        ({"num_generations": 1, "subset_size": 1}, "num_generations must be >= 2"),
+        ({"aggregation_fraction": 1.5}, "aggregation_fraction must be in"),
+        ({"max_steps": -1}, "max_steps must be >= 0"),
+        ({"prompts_per_step": 0}, "prompts_per_step must be >= 1"),
+        ({"tail_tokens": 0}, "tail_tokens must be >= 1"),
+    ],
+)
+def test_rl_recipe_refuses_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RLRecipe(**settings)
 
 
 def test_task_sampler_draws_training_problems_with_up_to_level_operations():
@@ -125,7 +151,7 @@ def digit_share(completions, **kwargs) -> list[float]:
     return [sum(word in digits for word in text) / max(1, len(text)) for text in words]
 
 
-def test_grpo_trainer_on_a_tiny_zaya_raises_the_reward_and_keeps_balancing(tokenizer, tmp_path):
+def test_grpo_trainer_on_a_tiny_zaya_raises_the_reward_and_keeps_balancing(tokenizer, tmp_path, no_network):
     model = tiny_model(vocab_size=len(tokenizer), num_experts=4)
     seen = {"caches": set(), "left_padded": False}
     prepare = model._prepare_cache_for_generation
@@ -160,7 +186,6 @@ def test_grpo_trainer_on_a_tiny_zaya_raises_the_reward_and_keeps_balancing(token
 
     rewards = [entry["rewards/digit_share/mean"] for entry in trainer.state.log_history if "reward" in entry]
     assert len(rewards) == 24
-    print("REWARDS", [round(r, 2) for r in rewards])
     assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.15, rewards
     assert seen["caches"] == {ZayaCache} and seen["left_padded"]
     assert callback.balancer.num_steps == 24 and callback.balancer.last_load is not None
@@ -169,7 +194,7 @@ def test_grpo_trainer_on_a_tiny_zaya_raises_the_reward_and_keeps_balancing(token
     assert len(pool) > 0 and all(len(group.texts) % 4 == 0 for group in pool.groups)  # G own rollouts per prompt
 
 
-def test_rl_stage_with_lora_returns_merged_weights_and_is_deterministic(tokenizer):
+def test_rl_stage_with_lora_returns_merged_weights_and_is_deterministic(tokenizer, no_network):
     def run():
         model = tiny_model(vocab_size=len(tokenizer))
         recipe = RLRecipe(max_steps=2, prompts_per_step=2, num_generations=4, max_completion_length=6,
