@@ -1,6 +1,7 @@
 """GRPO with TRL on ZAYA (zaya_hf.training.grpo, tiny_reasoner.rl): rewards, adaptive difficulty, aggregation prompts
 from the policy's own rollouts, and a short GRPOTrainer run on a tiny model (offline: everything is built here)."""
 
+import json
 import random
 import socket
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from training_helpers import tiny_model
 
-pytest.importorskip("trl", reason="GRPO needs the `rl` extra (trl), which `dev` includes")
+pytest.importorskip("trl", reason="GRPO needs the `trl` extra, which `dev` includes")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from zaya_hf.cache_zaya import ZayaCache  # noqa: E402
@@ -218,3 +219,13 @@ def test_rl_stage_with_lora_returns_merged_weights_and_is_deterministic(tokenize
     _, again, summary_again = run()
     assert summary_again["log"] == summary["log"]
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
+def test_training_script_runs_the_rl_stage_after_supervised_training(tmp_path, no_network):
+    from test_tiny_reasoner import SHORT_RECIPE, load_training_script
+
+    summary = load_training_script().main(["--out", str(tmp_path / "model"), *SHORT_RECIPE, "--rl-steps", "1"])
+    assert summary["rl"]["steps"] == 1 and len(summary["rl"]["log"]) == 1
+    assert summary["rl"]["expert_load_imbalance"] is not None
+    saved = json.loads((tmp_path / "model" / "training_summary.json").read_text())
+    assert saved["recipe"]["rl"]["max_steps"] == 1 and saved["recipe"]["rl"]["aggregation_fraction"] == 0.5

@@ -29,7 +29,7 @@ from ..generation_zaya import aggregation_messages, answers_match, candidate_tai
 try:
     import datasets
 except ImportError as error:  # datasets comes with trl
-    raise ImportError("zaya_hf.training.grpo needs TRL and datasets: pip install 'zaya-hf[rl]'.") from error
+    raise ImportError("zaya_hf.training.grpo needs TRL and datasets: pip install 'zaya-hf[trl]'.") from error
 
 SOLVE, AGGREGATE = "solve", "aggregate"
 
