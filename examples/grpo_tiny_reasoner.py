@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora", nargs="+", choices=LORA_PRESETS, default=None,
                         help="train LoRA adapters on these parts (merged before saving) instead of all weights")
     parser.add_argument("--no-bias-balancing", action="store_true", help="train without the router bias controller")
+    parser.add_argument("--balancer-ki", type=float, default=defaults.balancer_ki,
+                        help="integral gain of the bias balancer (supervised training uses 1)")
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for the greedy check")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (bitwise reproduction needs the same count)")
     args = parser.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         recipe = RLRecipe(
             max_steps=args.max_steps, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
             learning_rate=args.learning_rate, aggregation_fraction=args.aggregation_fraction,
-            bias_balancing=not args.no_bias_balancing, lora_targets=tuple(args.lora) if args.lora else None,
+            bias_balancing=not args.no_bias_balancing, balancer_ki=args.balancer_ki, lora_targets=tuple(args.lora) if args.lora else None,
         )
     except ValueError as error:
         parser.error(str(error))

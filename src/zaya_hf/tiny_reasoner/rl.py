@@ -27,7 +27,7 @@ class RLRecipe:
     max_steps: int = 300
     prompts_per_step: int = 8
     num_generations: int = 8  # G rollouts per prompt (>= subset_size: an aggregation prompt draws C of them)
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-4
     warmup_steps: int = 10
     # the rollout budget and sampling of Markovian RSA in the demo (β, temperature 1.0)
     max_completion_length: int = DEMO_RSA_SETTINGS["rollout_tokens"]
@@ -41,8 +41,11 @@ class RLRecipe:
     max_operations: int = 6
     raise_threshold: float = 0.75
     raise_attempts: int = 128
-    # The bias balancer (`BiasBalancer()`: the adaptive PID, as in supervised training) keeps running.
+    # The bias balancer keeps running, with a gentler integral gain than supervised training's ki=1: on the shipped
+    # model (expert load imbalance 2.2-3.2 after supervised training) ki=1 re-balanced the routers within a few
+    # steps and the solve rate fell from 17% to 0% by step 12 (benchmarks/results/grpo_balancer_gain.json).
     bias_balancing: bool = True
+    balancer_ki: float = 0.05
     # LoRA on these `zaya_hf.training.lora_config` targets instead of full weights (None: full weights)
     lora_targets: tuple[str, ...] | None = None
 
@@ -54,6 +57,8 @@ class RLRecipe:
                      "max_operations", "raise_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.balancer_ki < 0:
+            raise ValueError(f"balancer_ki must be >= 0, got {self.balancer_ki}.")
         if not 0.0 <= self.aggregation_fraction <= 1.0:
             raise ValueError(f"aggregation_fraction must be in [0, 1], got {self.aggregation_fraction}.")
         if self.num_generations < 2:
@@ -98,7 +103,7 @@ def train_grpo(model, tokenizer, recipe: RLRecipe, spec: TaskSpec, seed: int, pr
         from ..training import lora_config
 
         peft_config = lora_config(recipe.lora_targets)
-    balancing = BiasBalancingCallback() if recipe.bias_balancing else None
+    balancing = BiasBalancingCallback(ki=recipe.balancer_ki) if recipe.bias_balancing else None
     with tempfile.TemporaryDirectory(prefix="zaya-grpo-") as scratch:
         args = GRPOConfig(
             output_dir=scratch,
