@@ -15,7 +15,8 @@ answers are checked by `generation_zaya.answers_match` on the last `\\boxed{}`:
 
 Run `BiasBalancingCallback` with the trainer to keep the routers balanced during RL: `GRPOTrainer` is a `Trainer`, and
 its rollouts run in training mode, so the balancer sees the routing of the generated tokens as well as of the loss
-forward.
+forward. Starting from a trained model, use a small integral gain (the tiny reasoner's RL stage uses `ki=0.05`):
+re-balancing a trained model's routers at full gain re-routes its tokens faster than RL can follow.
 """
 
 import random
