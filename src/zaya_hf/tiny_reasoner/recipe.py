@@ -1,4 +1,5 @@
-"""The recipe of the embedded model: tokenizer, a small ZAYA, and a Trainer run on CPU.
+"""The recipe of the embedded model: tokenizer, a small ZAYA, supervised training with `Trainer`, then optionally
+GRPO with TRL (`rl.py`), on CPU.
 
 `examples/train_tiny_reasoner.py` runs `train_tiny_reasoner(TinyReasonerRecipe())`; the shipped model in
 `zaya_hf/default_model/` is its output (weights stored in bf16).
@@ -21,6 +22,7 @@ from ..modeling_zaya import ZayaForCausalLM
 from ..training import BiasBalancingCallback, LoadImbalanceLogger, expert_load_imbalance
 from .data import AggregationMix, ExampleBuilder, TinyReasonerStream, collate_right_padded, tokenizer_corpus, train_tokenizer
 from .evaluation import evaluate_greedy
+from .rl import RLRecipe, train_grpo
 from .task import TaskSpec, held_out_problems
 
 
@@ -54,6 +56,9 @@ class TinyReasonerRecipe:
     aggregation_fraction: float = 0.5
     task: TaskSpec = field(default_factory=TaskSpec)
     aggregation: AggregationMix = field(default_factory=AggregationMix)
+    # The GRPO stage after supervised training; off in the shipped recipe (the shipped model is supervised only),
+    # `rl=RLRecipe()` runs the stage's defaults.
+    rl: RLRecipe = field(default_factory=lambda: RLRecipe(max_steps=0))
 
     def model_config(self, tokenizer) -> ZayaConfig:
         vocab = -(-len(tokenizer) // 64) * 64  # embedding rows rounded up to a multiple of 64
@@ -85,8 +90,9 @@ def train_tiny_reasoner(
     save_dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
 ) -> dict:
-    """Train the tokenizer and the model of `recipe`, save both to `output_dir` and return a summary (run time,
-    parameter count, final loss, greedy accuracy on `eval_problems` held-out problems)."""
+    """Train the tokenizer and the model of `recipe` (supervised, then GRPO when `recipe.rl.max_steps`), save both to `output_dir` and return a
+    summary (run time of each stage, parameter count, final loss, the RL reward curve, greedy accuracy on
+    `eval_problems` held-out problems)."""
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     tokenizer = train_tokenizer(
@@ -130,6 +136,13 @@ def train_tiny_reasoner(
             callbacks=[balancing, LoadImbalanceLogger(balancing.balancer)] if balancing else None,
         )
         train_output = trainer.train()
+    sft_seconds = time.perf_counter() - start
+    rl_summary = None
+    if recipe.rl.max_steps:
+        # RL starts from the supervised weights as they would be saved (bf16), so that this run and the two-stage
+        # one (`--rl-steps 0`, then `examples/grpo_tiny_reasoner.py --model` on its output) give the same model.
+        model.to(save_dtype).to(torch.float32)
+        model, rl_summary = train_grpo(model, tokenizer, recipe.rl, recipe.task, recipe.seed, progress=progress)
     train_seconds = time.perf_counter() - start
 
     model.eval()
@@ -145,16 +158,18 @@ def train_tiny_reasoner(
     accuracy = evaluate_greedy(model, tokenizer, problems) if problems else None
     summary = {
         "train_seconds": round(train_seconds, 1),
+        "sft_seconds": round(sft_seconds, 1),
         "threads": torch.get_num_threads(),
         "max_steps": recipe.max_steps,
         "final_loss": round(train_output.training_loss, 4),
         "parameters": sum(p.numel() for p in model.parameters()),
         "held_out_greedy_accuracy": accuracy,
         "held_out_problems": len(problems),
-        # max / mean expert load per layer over the last training step (1.0 = perfectly balanced)
+        # max / mean expert load per layer over the last supervised step (1.0 = perfectly balanced)
         "expert_load_imbalance": None if balancing is None else [
             round(x, 3) for x in expert_load_imbalance(balancing.balancer.last_load).tolist()
         ],
+        "rl": rl_summary,
         "recipe": dataclasses.asdict(recipe),
     }
     (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
