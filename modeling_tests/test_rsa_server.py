@@ -229,8 +229,8 @@ def test_a_client_that_disconnects_cancels_its_upstream_requests(tokenizer, stre
     with serve(upstream) as up:
         app, engine = rsa_server_in_front_of(up, tokenizer, model="up", prompt_format="tokens", extensions=True)
         with serve_app(app) as url, engine:
-            with pytest.raises(openai.APITimeoutError):
-                response = client(url, timeout=1.0).chat.completions.create(
+            with pytest.raises(openai.APITimeoutError):  # 3 s: time for the 4 rollouts to reach upstream on a busy box
+                response = client(url, timeout=3.0).chat.completions.create(
                     model="up", messages=MESSAGES, max_tokens=16, stream=stream,
                     extra_body={"rsa_t": 1, "rsa_n": 4, "rsa_k": 2, "short_resp_len": 16})
                 for _ in response:  # a stream times out while reading
