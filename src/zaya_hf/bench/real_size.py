@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_zaya import ZayaConfig
-from .checkpoint import write_random_checkpoint, zaya1_8b_config
+from .checkpoint import is_random_checkpoint, write_random_checkpoint, zaya1_8b_config
 
 IMPLEMENTATIONS = ("zaya_hf", "transformers")
 
@@ -83,17 +83,21 @@ class _StepTimer:
 
 
 class _ExpertRecorder:
-    """Per forward of the model, the distinct experts each layer's tokens chose (the skip class, which zaya_hf passes
-    as weight 0 and transformers as index E, left out)."""
+    """Per forward of the model, the distinct experts each layer's tokens chose, and per layer the tokens each expert
+    got over all forwards (the skip class, which zaya_hf passes as weight 0 and transformers as index E, left out)."""
 
     def __init__(self, model, num_experts: int):
         self.num_experts = num_experts
         self.forwards: list[list[int]] = []
+        self.tokens_per_expert: list[torch.Tensor] = []  # per layer [E]
         self.active = False
         model.register_forward_pre_hook(self.new_forward)
         for module in model.modules():
             if type(module).__name__.endswith("Experts"):
                 module.register_forward_pre_hook(self.record)
+
+    def start(self) -> None:
+        self.forwards, self.tokens_per_expert, self.active = [], [], True
 
     def new_forward(self, module, args) -> None:
         if self.active:
@@ -104,6 +108,18 @@ class _ExpertRecorder:
             _, index, weights = args[:3]
             chosen = index[:, 0][(weights[:, 0] != 0) & (index[:, 0] < self.num_experts)]
             self.forwards[-1].append(int(chosen.unique().numel()))
+            layer = len(self.forwards[-1]) - 1
+            if layer == len(self.tokens_per_expert):
+                self.tokens_per_expert.append(torch.zeros(self.num_experts, dtype=torch.long))
+            self.tokens_per_expert[layer] += torch.bincount(chosen, minlength=self.num_experts)
+
+    def usage(self) -> dict:
+        """The spread of the recorded tokens over the experts: per layer, the share of the most used expert and the
+        experts that got any token."""
+        counts = torch.stack(self.tokens_per_expert).float()  # [layers, E]
+        top_share = (counts.max(-1).values / counts.sum(-1).clamp(min=1)).tolist()
+        return {"top_expert_share_per_layer": [round(share, 3) for share in top_share],
+                "experts_used_per_layer": (counts > 0).sum(-1).tolist()}
 
 
 def _load(implementation: str, checkpoint: str):
@@ -123,8 +139,7 @@ def _decode(model, recorder, batch: int, prompt_tokens: int, new_tokens: int, se
     vocab = model.config.vocab_size
     prompt = torch.randint(1, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     timer = _StepTimer()
-    recorder.forwards.clear()
-    recorder.active = True
+    recorder.start()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          logits_processor=[timer], pad_token_id=0)
     recorder.active = False
@@ -133,15 +148,19 @@ def _decode(model, recorder, batch: int, prompt_tokens: int, new_tokens: int, se
         "step_seconds": steps,
         "tokens": out[:, prompt_tokens:].tolist(),
         "distinct_experts": recorder.forwards[1:],  # per decode step, per layer
+        "expert_usage": recorder.usage(),  # prefill and decode tokens together
     }
 
 
 @torch.no_grad()
-def _prefill(model, tokens: int, seed: int) -> dict:
+def _prefill(model, recorder, tokens: int, seed: int) -> dict:
     ids = torch.randint(1, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    recorder.start()
     start = time.perf_counter()
     model(ids, use_cache=True, logits_to_keep=1)
-    return {"seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    recorder.active = False
+    return {"seconds": seconds, "expert_usage": recorder.usage()}
 
 
 def worker(implementation: str, checkpoint: str, threads: int) -> None:
@@ -158,7 +177,7 @@ def worker(implementation: str, checkpoint: str, threads: int) -> None:
             reply = _decode(model, recorder, command["batch"], command["prompt_tokens"], command["new_tokens"],
                             command["seed"])
         elif command["op"] == "prefill":
-            reply = _prefill(model, command["tokens"], command["seed"])
+            reply = _prefill(model, recorder, command["tokens"], command["seed"])
         else:
             reply = {}
         reply["peak_rss_bytes"] = _peak_rss_bytes()
@@ -198,8 +217,7 @@ class Worker:
 
 def checkpoint_for(folder: Path, layers: int) -> Path:
     """`folder` holding the random checkpoint with `layers` layers, written there first if it is not."""
-    config_file = folder / "config.json"
-    if config_file.exists() and json.loads(config_file.read_text())["num_hidden_layers"] == layers:
+    if is_random_checkpoint(folder, layers):
         return folder
     return write_random_checkpoint(folder, zaya1_8b_config(layers))
 
@@ -234,12 +252,13 @@ def run_real_size_benchmark(
     folder = checkpoint_for(Path(folder), layers)
     warm_page_cache(folder)
     result: dict = {"config": "ZAYA1-8B", "layers": layers, "of_layers": 40, "dtype": "bfloat16", "device": "cpu",
-                    "threads": threads, "load_average_1min_at_start": os.getloadavg()[0]}
-    bandwidths = [read_bandwidth()]
+                    "threads": threads}
+    bandwidths, loads = [read_bandwidth()], [os.getloadavg()[0]]
     log(f"read bandwidth {bandwidths[-1] / 1e9:.2f} GB/s; loading the workers")
     workers = {name: Worker(name, folder, threads) for name in IMPLEMENTATIONS}
     for name, worker in workers.items():
         result[f"{name}_load_seconds"] = round(worker.loaded["load_seconds"], 2)
+        result[f"{name}_peak_rss_bytes_after_load"] = worker.loaded["peak_rss_bytes_after_load"]
     medians: dict[int, dict[str, float]] = {}  # median decode step seconds per batch size and implementation
     try:
         for batch in batch_sizes:
@@ -258,19 +277,23 @@ def run_real_size_benchmark(
             result[f"decode_bs{batch}_step_bytes"] = int(step_bytes)
             result[f"decode_bs{batch}_distinct_experts_per_layer_mean"] = round(statistics.mean(distinct), 2)
             result[f"decode_bs{batch}_distinct_experts_per_layer_min_max"] = [min(distinct), max(distinct)]
+            result[f"decode_bs{batch}_expert_usage"] = replies["zaya_hf"]["expert_usage"]
             result[f"decode_bs{batch}_greedy_tokens_identical"] = replies["zaya_hf"]["tokens"] == replies["transformers"]["tokens"]
             medians[batch] = {name: _median(steps[name]) for name in workers}
             for name, step in medians[batch].items():
                 result[f"{name}_decode_tok_s_bs{batch}"] = round(batch / step, 3)
             result[f"decode_ratio_bs{batch}"] = round(medians[batch]["transformers"] / medians[batch]["zaya_hf"], 2)
             bandwidths.append(read_bandwidth())
+            loads.append(os.getloadavg()[0])
         for tokens in prefill_tokens:
-            seconds = {name: [] for name in workers}
+            seconds, replies = {name: [] for name in workers}, {}
             for repeat in range(prefill_repeats):
                 order = list(workers) if repeat % 2 == 0 else list(workers)[::-1]
                 for name in order:
-                    seconds[name].append(workers[name].ask(op="prefill", tokens=tokens, seed=tokens)["seconds"])
+                    replies[name] = workers[name].ask(op="prefill", tokens=tokens, seed=tokens)
+                    seconds[name].append(replies[name]["seconds"])
                     log(f"prefill {tokens} {name}: {seconds[name][-1]:.1f} s")
+            result[f"prefill_{tokens}_expert_usage"] = replies["zaya_hf"]["expert_usage"]
             for name in workers:
                 result[f"{name}_prefill_tok_s_{tokens}"] = round(tokens / _median(seconds[name]), 1)
             result[f"prefill_ratio_{tokens}"] = round(_median(seconds["transformers"]) / _median(seconds["zaya_hf"]), 2)
@@ -280,6 +303,8 @@ def run_real_size_benchmark(
         for worker in workers.values():
             worker.close()
     bandwidths.append(read_bandwidth())
+    loads.append(os.getloadavg()[0])
+    result["load_average_1min"] = loads  # at each bandwidth measurement: start, after each batch size, end
     result["read_bandwidth_GBps"] = [round(b / 1e9, 2) for b in bandwidths]
     result["bound_bandwidth_GBps"] = round(max(bandwidths) / 1e9, 2)
     for batch, steps in medians.items():  # the bound at the best bandwidth seen in the run: the strictest
@@ -287,7 +312,6 @@ def run_real_size_benchmark(
         result[f"decode_bs{batch}_bound_tok_s"] = round(batch / bound, 3)
         for name, step in steps.items():
             result[f"{name}_fraction_of_bound_bs{batch}"] = round(bound / step, 3)
-    result["load_average_1min_at_end"] = os.getloadavg()[0]
     return result
 
 
