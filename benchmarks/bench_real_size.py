@@ -13,13 +13,13 @@ and head), for machines that cannot hold the 17 GB of the whole model. Prints on
 """
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from zaya_hf.bench.real_size import run_real_size_benchmark
+from zaya_hf.bench.record import emit
 
 
 def main() -> None:
@@ -43,14 +43,7 @@ def main() -> None:
         new_tokens=args.new_tokens, repeats=args.repeats, prefill_tokens=tuple(args.prefill_tokens),
         prefill_repeats=args.prefill_repeats,
     )
-    result["command"] = "python benchmarks/bench_real_size.py " + " ".join(
-        f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
-        if key in ("layers", "threads", "repeats", "new_tokens", "prompt_tokens", "prefill_repeats")
-    )
-    line = json.dumps(result)
-    print(line)
-    if args.output is not None:
-        args.output.write_text(line + "\n")
+    emit(result, "benchmarks/bench_real_size.py", args, args.output)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ work run on one thread) and without it, and on one thread throughout. One proces
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -18,6 +17,7 @@ import torch
 import zaya_hf.ops.cpu as cpu_ops
 from zaya_hf import ZayaForCausalLM
 from zaya_hf.bench import build_bench_small
+from zaya_hf.bench.record import emit
 from zaya_hf.default_model import default_model_path
 
 RULE = cpu_ops.PARALLEL_MIN_MULTIPLY_ADDS
@@ -64,12 +64,7 @@ def main() -> None:
                 result[f"{model_name}_bs{batch}_{name}_tok_s"] = round(batch * args.new_tokens / statistics.median(values), 1)
             result["load_average_1min"].append(os.getloadavg()[0])
     cpu_ops.PARALLEL_MIN_MULTIPLY_ADDS = RULE
-    result["command"] = (f"python benchmarks/bench_threads.py --threads {args.threads} --repeats {args.repeats} "
-                         f"--prompt-tokens {args.prompt_tokens} --new-tokens {args.new_tokens}")
-    line = json.dumps(result)
-    print(line)
-    if args.output is not None:
-        args.output.write_text(line + "\n")
+    emit(result, "benchmarks/bench_threads.py", args, args.output)
 
 
 if __name__ == "__main__":

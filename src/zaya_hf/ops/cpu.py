@@ -109,9 +109,9 @@ def uses_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def intra_op_threads(multiply_adds: int) -> Iterator[None]:
     """Run the block on one intra-op thread when its work is under `PARALLEL_MIN_MULTIPLY_ADDS`: splitting less
     costs more than it saves, and on a busy machine every parallel region waits for its slowest, descheduled thread.
-    Larger work keeps torch's thread count; compiled graphs keep the threads they were compiled for."""
+    Larger work keeps torch's thread count. Not for compiled graphs, which keep the threads they were compiled for."""
     threads = torch.get_num_threads()
-    if threads == 1 or multiply_adds >= PARALLEL_MIN_MULTIPLY_ADDS or torch.compiler.is_compiling():
+    if threads == 1 or multiply_adds >= PARALLEL_MIN_MULTIPLY_ADDS:
         yield
         return
     torch.set_num_threads(1)
@@ -193,6 +193,8 @@ class CPULinear(nn.Linear):
     """`nn.Linear` multiplying through `cpu_linear`; same parameters, so PEFT and quantizers see an `nn.Linear`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return cpu_linear(input, self.weight, self.bias)
         with intra_op_threads(input.shape[:-1].numel() * self.weight.numel()):
             return cpu_linear(input, self.weight, self.bias)
 
@@ -209,6 +211,8 @@ class CPUDecoderLayer(ZayaDecoderLayer):
         return sum(p.numel() for p in self.parameters()) - expert_weights + expert_weights // experts.num_experts
 
     def forward(self, residual: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return super().forward(residual, *args, **kwargs)
         with intra_op_threads(residual.shape[:-1].numel() * self.multiply_adds_per_token):
             return super().forward(residual, *args, **kwargs)
 
