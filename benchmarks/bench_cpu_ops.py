@@ -12,6 +12,7 @@ unmasked call) against packed query heads (`packed_gqa_sdpa`). fp32 and bf16; me
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     torch.manual_seed(0)
-    result = {"torch_threads": torch.get_num_threads()}
+    result = {"command": f"python benchmarks/bench_cpu_ops.py --repeats {args.repeats}",
+              "torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0]}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         figures = {
@@ -101,6 +103,7 @@ def main() -> None:
             **one_token_attention(dtype, args.repeats),
         }
         result.update({f"{name}_{key}": value for key, value in figures.items()})
+    result["load_average_1min_at_end"] = os.getloadavg()[0]
     print(json.dumps(result))
 
 

@@ -1,7 +1,8 @@
 """Speed of the fused Triton kernels (zaya_hf.ops) against the model's torch forwards, on one CUDA or ROCm GPU.
 
 Per kernel at ZAYA1-8B layer sizes (hidden 2048, 8 query / 2 kv heads of 128, 16 experts of 2048, router 256,
-bf16), then the whole model (ZAYA1-8B sizes, `--layers` of the 40 layers, random weights): prefill latency and
+bf16): its result against the model's torch forward (relative difference, router choices that agree), its speed,
+then the whole model (ZAYA1-8B sizes, `--layers` of the 40 layers, random weights): prefill latency and
 greedy decode throughput with kernel_backend="torch" vs "triton". Prints one JSON line.
 
     python benchmarks/bench_kernels.py                 # needs a GPU
@@ -104,6 +105,38 @@ def layer_operations(model: ZayaForCausalLM, batch: int, seq_len: int) -> dict[s
     }
 
 
+# What each kernel's result is compared on: the pairs of tensors (model's forward, kernel) that must agree.
+COMPARED = {
+    "cca_qk_mix": lambda ours, fused: [(ours[0].transpose(1, 2), fused[0]), (ours[1].transpose(1, 2), fused[1])],
+    "residual_merge_rmsnorm": lambda ours, fused: [(ours, fused[1])],  # fused: (new residual, its norm)
+    "router": lambda ours, fused: [(ours[0], fused[0]), (ours[1], fused[1]), (ours[3], fused[3])],
+    "moe_top1": lambda ours, fused: [(ours, fused)],
+}
+# Largest difference allowed, relative to the largest magnitude of the model's result (bf16 keeps 8 bits).
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def check_kernels(config: ZayaConfig, tokens: int, decode_batch: int, device, dtype) -> dict:
+    """Each fused operation's result against the model's torch forward on the same inputs, for a prefill and a decode
+    step: the largest difference relative to the result's scale, and the router's top-1 choices that agree."""
+    model = build_model(config, device, dtype, "torch")
+    results = {}
+    with torch.no_grad():
+        for regime, batch, seq_len in (("prefill", 1, tokens), ("decode", decode_batch, 1)):
+            for name, (torch_fn, triton_fn) in layer_operations(model, batch, seq_len).items():
+                ours, fused = torch_fn(), triton_fn()
+                relative = max(
+                    ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp(min=1e-6)).item()
+                    for a, b in COMPARED[name](ours, fused)
+                )
+                check = {"max_relative_diff": relative, "ok": relative <= TOLERANCE[dtype]}
+                if name == "router":
+                    check["top1_agreement"] = (ours[2] == fused[2]).float().mean().item()
+                    check["ok"] = check["ok"] and check["top1_agreement"] >= 0.99
+                results[f"{name}_{regime}"] = check
+    return results
+
+
 def bench_kernels(config: ZayaConfig, tokens: int, decode_batch: int, device, dtype, repeats: int) -> dict:
     """Each fused operation vs the torch code that kernel_backend="torch" runs, for a prefill and a decode step."""
     model = build_model(config, device, dtype, "torch")
@@ -166,6 +199,7 @@ def main() -> None:
         device, dtype, sizes = torch.device("cuda"), torch.bfloat16, {}  # ZAYA1-8B sizes are the config defaults
     torch.manual_seed(0)
     config = ZayaConfig(num_hidden_layers=2, **sizes)
+    correctness = check_kernels(config, args.tokens, args.decode_batch, device, dtype)
     per_kernel = bench_kernels(config, args.tokens, args.decode_batch, device, dtype, args.repeats)
     config = ZayaConfig(num_hidden_layers=args.layers, **sizes)
     whole_model = bench_model(config, args.tokens, args.decode_batch, args.new_tokens, device, dtype, args.repeats)
@@ -179,6 +213,8 @@ def main() -> None:
         "tokens": args.tokens,
         "decode_batch": args.decode_batch,
         "layers": args.layers,
+        "kernels_correct": all(check["ok"] for check in correctness.values()),
+        "correctness": correctness,
         "kernels": per_kernel,
         "model": whole_model,
     }))

@@ -7,11 +7,15 @@ back when the module moves to another device); the model's own forwards stay the
 * `CPULinear`: products through `cpu_linear`: large fp32 weights through oneDNN (MKL's fp32 GEMV streams a weight
   from memory at about half oneDNN's rate), and inside a compiled inference graph products of one or two rows as
   multiply-and-sum, which Inductor fuses. Both differ from `F.linear` in summation order only (~1e-6 in fp32).
+  bf16 products of several rows on CPUs whose oneDNN has no bf16 kernels (no AVX512-BF16 / AMX: torch then
+  multiplies bf16 in a generic loop at a few GFLOP/s) as fp32 GEMMs over the weight converted block by block.
 * `CPUCCAProjection`: a decode step's causal conv as a state update (one output column: the depthwise taps over the
-  W + 1 window, then one product per head group) instead of two `conv1d` calls over the window, about 3x faster.
+  W + 1 window, then one product per head group) instead of two `conv1d` calls over the window, about 3x faster;
+  without native bf16 kernels, a bf16 prefill's two convs in fp32, rounded as the bf16 ones round.
 * `CPUExperts`: under transformers' default experts implementation (`grouped_mm`), a one-token step multiplies its
-  expert directly, and a compiled step of one or two tokens reads each token's expert weights in place (fused);
-  every other case is `grouped_mm` itself.
+  expert directly, a compiled step of one or two tokens reads each token's expert weights in place (fused), and
+  bf16 batches where some expert gets enough tokens for an fp32 GEMM (prefill) multiply expert by expert; every other
+  case is `grouped_mm` itself.
 * `packed_gqa_sdpa`, the attention implementation `"zaya_sdpa"` (opt in: `attn_implementation="zaya_sdpa"`): one-token
   steps pass the G query heads of each KV head as G query rows of it, where torch's CPU SDPA with `enable_gqa` runs
   one query row per (batch, head) block, its slowest case. The kernel then splits the keys differently, so results
@@ -19,7 +23,10 @@ back when the module moves to another device); the model's own forwards stay the
 """
 
 import platform
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +34,14 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..modeling_zaya import ZayaCCAProjection, ZayaExperts
-from .thresholds import COMPILED_MATVEC_MAX_ROWS, ONEDNN_MIN_WEIGHT_ELEMENTS
+from ..modeling_zaya import ZayaCCAProjection, ZayaDecoderLayer, ZayaExperts
+from .thresholds import (
+    COMPILED_MATVEC_MAX_ROWS,
+    FP32_GEMM_BLOCK_ELEMENTS,
+    FP32_GEMM_MIN_ROWS,
+    ONEDNN_MIN_WEIGHT_ELEMENTS,
+    PARALLEL_MIN_MULTIPLY_ADDS,
+)
 
 # oneDNN was measured on x86 (AMD EPYC) only; elsewhere (ARM: Accelerate / OpenBLAS) F.linear is left alone.
 ONEDNN_LINEAR_AVAILABLE = (
@@ -36,6 +49,10 @@ ONEDNN_LINEAR_AVAILABLE = (
     and torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
+
+# oneDNN multiplies bf16 natively only with AVX512-BF16 or AMX; elsewhere torch's bf16 GEMM is a generic fp32-accumulating
+# loop, and an fp32 GEMM over converted weights is several times faster from a few rows on.
+NATIVE_BF16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def opaque_op(name: str, fn: Callable, fake: Callable) -> Callable:
@@ -88,6 +105,69 @@ def uses_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     )
 
 
+@contextmanager
+def intra_op_threads(multiply_adds: int) -> Iterator[None]:
+    """Run the block on one intra-op thread when its work is under `PARALLEL_MIN_MULTIPLY_ADDS`: splitting less
+    costs more than it saves, and on a busy machine every parallel region waits for its slowest, descheduled thread.
+    Larger work keeps torch's thread count. Not for compiled graphs, which keep the threads they were compiled for."""
+    threads = torch.get_num_threads()
+    if threads == 1 or multiply_adds >= PARALLEL_MIN_MULTIPLY_ADDS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def uses_fp32_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Eager bf16 products of at least `FP32_GEMM_MIN_ROWS` rows per weight matrix, on CPUs without native bf16
+    GEMMs, that autograd does not record."""
+    rows = x.shape[:-1].numel() // weight.shape[:-2].numel()
+    return (
+        not NATIVE_BF16_MATMUL
+        and x.dtype == weight.dtype == torch.bfloat16
+        and rows >= FP32_GEMM_MIN_ROWS
+        and not torch.compiler.is_compiling()
+        and _plain(x, weight)
+    )
+
+
+_workspace = threading.local()
+
+
+def _block_buffer() -> torch.Tensor:
+    """This thread's fp32 buffer for one block of converted weight rows, allocated once: a fresh allocation per block
+    would page-fault on every product."""
+    if getattr(_workspace, "buffer", None) is None:
+        _workspace.buffer = torch.empty(FP32_GEMM_BLOCK_ELEMENTS)
+    return _workspace.buffer
+
+
+def fp32_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` of bf16 `x` [..., k] and `weight` [n, k] (or a small stack [..., n, k]) computed in fp32 and rounded to
+    bf16 once, as torch's bf16 GEMM does; only the summation order differs (an output can round one bf16 ulp apart).
+    A 2-D weight is converted `FP32_GEMM_BLOCK_ELEMENTS` at a time into a cache-resident buffer, so it is read once."""
+    if weight.ndim > 2:  # the CCA grouped conv's [G, C/G, (C/G)*t1]: small, converted whole
+        out = torch.matmul(x.float(), weight.float().transpose(-1, -2))
+        return (out if bias is None else out + bias.float()).to(x.dtype)
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, in_features).float()  # [M, k]
+    out = torch.empty(out_features, rows.shape[0])  # [n, M]: each block's product lands in contiguous rows
+    buffer = _block_buffer()
+    block = max(1, buffer.numel() // in_features)
+    for start in range(0, out_features, block):
+        weights = weight[start : start + block]
+        converted = buffer[: weights.numel()].view(weights.shape)
+        converted.copy_(weights)
+        torch.mm(converted, rows.t(), out=out[start : start + block])
+    out = out.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` (`x` [..., k], `weight` [n, k] -> [..., n]), also for a stack of weights [..., n, k] multiplying
     `x` [..., M, k] matrix by matrix (-> [..., M, n]), through the fastest CPU route for its shape (module doc)."""
@@ -95,6 +175,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         # [..., M, 1, k] * [..., 1, n, k] -> [..., M, n], accumulated in fp32 and rounded once, as F.linear does
         product = (x.unsqueeze(-2).float() * weight.unsqueeze(-3).float()).sum(-1)
         return (product if bias is None else product + bias.float()).to(x.dtype)
+    if uses_fp32_gemm(x, weight):
+        return fp32_gemm(x, weight, bias)
     if weight.ndim > 2:
         if bias is not None and x.ndim == 3:
             return torch.baddbmm(bias, x, weight.transpose(-1, -2))
@@ -111,15 +193,44 @@ class CPULinear(nn.Linear):
     """`nn.Linear` multiplying through `cpu_linear`; same parameters, so PEFT and quantizers see an `nn.Linear`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return cpu_linear(input, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return cpu_linear(input, self.weight, self.bias)
+        with intra_op_threads(input.shape[:-1].numel() * self.weight.numel()):
+            return cpu_linear(input, self.weight, self.bias)
+
+
+class CPUDecoderLayer(ZayaDecoderLayer):
+    """The decoder layer on one intra-op thread when its tokens' work is small (`intra_op_threads`): small models and
+    short steps, where every op of the layer is too small to split."""
+
+    @cached_property
+    def multiply_adds_per_token(self) -> int:
+        """Weights a token multiplies: the layer's, with one expert instead of all (a rough, size-only estimate)."""
+        experts = self.mlp.experts
+        expert_weights = experts.gate_up_proj.numel() + experts.down_proj.numel()
+        return sum(p.numel() for p in self.parameters()) - expert_weights + expert_weights // experts.num_experts
+
+    def forward(self, residual: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return super().forward(residual, *args, **kwargs)
+        with intra_op_threads(residual.shape[:-1].numel() * self.multiply_adds_per_token):
+            return super().forward(residual, *args, **kwargs)
 
 
 class CPUCCAProjection(ZayaCCAProjection):
-    """The CCA projection with a decode step's conv computed as a state update."""
+    """The CCA projection with a decode step's conv computed as a state update, and bf16 prefill convs in fp32."""
 
     def causal_conv(self, window: torch.Tensor, sequence_positions: torch.Tensor | None = None) -> torch.Tensor:
-        if sequence_positions is not None or window.shape[-1] != self.conv_width + 1:
+        if sequence_positions is not None:  # packed rows: the model cuts one window per token, which come back here
             return super().causal_conv(window, sequence_positions)
+        if window.shape[-1] == self.conv_width + 1:
+            return self.state_update(window)
+        if window.dtype == torch.bfloat16 and not NATIVE_BF16_MATMUL and _plain(window, self.conv_qk_grouped.weight):
+            return self.fp32_conv(window)
+        return super().causal_conv(window)
+
+    def state_update(self, window: torch.Tensor) -> torch.Tensor:
+        """The conv's one output column of a decode step: `window` [B, C, W + 1] -> [B, 1, C]."""
         depthwise, grouped = self.conv_qk_depthwise, self.conv_qk_grouped
         groups, batch, channels = grouped.groups, window.shape[0], window.shape[1]
         t0, t1 = depthwise.kernel_size[0], grouped.kernel_size[0]
@@ -135,17 +246,31 @@ class CPUCCAProjection(ZayaCCAProjection):
         out = cpu_linear(mixed, weight, grouped.bias.view(groups, 1, -1))  # [G, B, C/G]
         return out.transpose(0, 1).reshape(batch, 1, channels)
 
+    def fp32_conv(self, window: torch.Tensor) -> torch.Tensor:
+        """Both convs as fp32 `conv1d` (oneDNN), each rounded to bf16 as the bf16 convolution rounds, where a bf16
+        `conv1d` without native bf16 kernels runs a slow convolution per channel (ZAYA1-8B, 4096 tokens: ~38x)."""
+        dtype = window.dtype
+        for conv in (self.conv_qk_depthwise, self.conv_qk_grouped):
+            window = F.conv1d(window.float(), conv.weight.float(), conv.bias.float(), groups=conv.groups).to(dtype)
+        return window.transpose(1, 2)
+
 
 class CPUExperts(ZayaExperts):
-    """The experts with transformers' default implementation (`grouped_mm`) sped up for one- and two-token steps;
-    an implementation asked for by name (`experts_implementation=...`) runs as it is."""
+    """The experts with transformers' default implementation (`grouped_mm`) sped up for one- and two-token steps
+    and for bf16 prefill; an implementation asked for by name (`experts_implementation=...`) runs as it is."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.config._experts_implementation == "grouped_mm":
-            if torch.compiler.is_compiling() and uses_compiled_matvec(hidden_states, self.gate_up_proj[0]):
-                return self.gathered(hidden_states, top_k_index[:, 0], top_k_weights)
-            if not torch.compiler.is_compiling() and hidden_states.shape[0] == 1:
+            if torch.compiler.is_compiling():
+                if uses_compiled_matvec(hidden_states, self.gate_up_proj[0]):
+                    return self.gathered(hidden_states, top_k_index[:, 0], top_k_weights)
+            elif hidden_states.shape[0] == 1:
                 return self.gathered(hidden_states, top_k_index[0, 0].item(), top_k_weights)
+            elif uses_fp32_gemm(hidden_states, self.gate_up_proj[0]):
+                expert_of_token = top_k_index[:, 0]
+                counts = torch.bincount(expert_of_token, minlength=self.num_experts)
+                if int(counts.max()) >= FP32_GEMM_MIN_ROWS:
+                    return self.by_expert(hidden_states, expert_of_token, top_k_weights, counts.tolist())
         return super().forward(hidden_states, top_k_index, top_k_weights)
 
     def gathered(self, hidden_states: torch.Tensor, expert: torch.Tensor | int, weights: torch.Tensor) -> torch.Tensor:
@@ -154,6 +279,25 @@ class CPUExperts(ZayaExperts):
         gate, up = cpu_linear(rows, self.gate_up_proj[expert]).squeeze(1).chunk(2, dim=-1)  # [N, I] each
         output = cpu_linear((self.act_fn(gate) * up)[:, None], self.down_proj[expert]).squeeze(1)  # [N, d]
         return (output * weights).to(hidden_states.dtype)
+
+    def by_expert(
+        self, hidden_states: torch.Tensor, expert_of_token: torch.Tensor, weights: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """The tokens of each used expert as one product pair (`cpu_linear`: fp32 GEMMs from `FP32_GEMM_MIN_ROWS`
+        rows), in expert order, scattered back; for batches whose cost is the products, not the loop."""
+        order = torch.argsort(expert_of_token, stable=True)
+        sorted_output = torch.empty_like(hidden_states)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                tokens = order[start : start + count]
+                gate, up = cpu_linear(hidden_states[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                product = cpu_linear(self.act_fn(gate) * up, self.down_proj[expert])
+                sorted_output[start : start + count] = product * weights[tokens]
+                start += count
+        output = torch.empty_like(hidden_states)
+        output[order] = sorted_output
+        return output
 
 
 def packed_gqa_sdpa(
@@ -176,7 +320,12 @@ def packed_gqa_sdpa(
     return output.reshape(batch, 1, heads, head_dim), None  # [B, K, G, D] is [B, 1, H, D] in memory
 
 
-CPU_FORWARDS: dict[type, type] = {nn.Linear: CPULinear, ZayaCCAProjection: CPUCCAProjection, ZayaExperts: CPUExperts}
+CPU_FORWARDS: dict[type, type] = {
+    nn.Linear: CPULinear,
+    ZayaCCAProjection: CPUCCAProjection,
+    ZayaExperts: CPUExperts,
+    ZayaDecoderLayer: CPUDecoderLayer,
+}
 _MODEL_CLASSES = {fast: base for base, fast in CPU_FORWARDS.items()}
 
 

@@ -17,3 +17,25 @@ ONEDNN_MIN_WEIGHT_ELEMENTS = 512 * 512
 # the weight faster than an extern GEMV call, and reads a gathered expert's weight in place. With more rows oneDNN's
 # GEMM catches up (fp32) or wins (bf16).
 COMPILED_MATVEC_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 1}
+
+# bf16 CPU products with at least this many rows per weight matrix run as fp32 GEMMs over the converted weight, where
+# oneDNN has no native bf16 kernels: torch's generic bf16 GEMM costs about one matrix-vector product per row, the
+# conversion about two, so from 4 rows the fp32 GEMM is ahead (3x at 16 rows, 5-7x at 512).
+FP32_GEMM_MIN_ROWS = 4
+
+# Elements of the fp32 buffer a weight is converted into, block by block (1 MiB: one core's L2 on the machine).
+FP32_GEMM_BLOCK_ELEMENTS = 256 * 1024
+
+# Intra-op threads. The rule: a CPU decoder layer (its tokens x the weights one token multiplies, one expert counted)
+# or a product (rows x weight elements) under this many multiply-adds runs on one intra-op thread
+# (`ops.cpu.intra_op_threads`); larger work keeps torch's thread count. Splitting such small work costs more than it
+# saves, and on a busy machine each parallel region waits for its slowest, descheduled thread. So the embedded model
+# (a layer: ~0.17 M multiply-adds a token) decodes on one thread at batch 1 and 16, bench-small (~1.6 M) at batch 1;
+# bench-small's batches of 16 and the prefills keep the threads. Measured (`python benchmarks/bench_threads.py`,
+# recorded: benchmarks/results/bench_threads.json; 2 threads on the 2-core machine at load average 5.0-5.6, busy):
+# embedded model batch 1 41.6 tok/s with the rule vs 2.8 without (one thread throughout: 35.2); bench-small fp32
+# batch 1 6.6 vs 1.9 (13.1). At batch 16 the busy machine favoured one thread throughout (embedded 336.6 vs 66.3,
+# bench-small 88.5 vs 14.7), which the size rule does not reach: the batch's prompt (and, for the embedded model,
+# the ops outside the layers) keep both threads. No quiet-machine run of this benchmark is recorded, so whether two
+# threads win anywhere on a quiet machine is unmeasured. On a shared machine, OMP_NUM_THREADS=1 for small models.
+PARALLEL_MIN_MULTIPLY_ADDS = 8 * 1024 * 1024
