@@ -53,7 +53,7 @@ def test_bf16_products_take_the_fp32_gemm_from_four_rows(without_native_bf16):
 
 @torch.no_grad()
 def test_bf16_experts_by_expert_equal_the_eager_experts(without_native_bf16):
-    config = tiny_config(experts_implementation="grouped_mm")
+    config = tiny_config(experts_implementation="zaya_by_expert")
     experts = ZayaExperts(config)
     randomize(experts, seed=3)
     experts = experts.bfloat16()
@@ -62,9 +62,23 @@ def test_bf16_experts_by_expert_equal_the_eager_experts(without_native_bf16):
     index = torch.tensor([0, 2, 2, 2, 2, 1, 2, 0, 3, 2, 1, 0])[:, None]  # expert 2 gets 6 tokens: the fp32 route
     weights = torch.rand(12, 1, generator=gen).bfloat16()
     weights[5] = 0  # a skip-class token
-    expected = ZayaExperts.forward(experts, hidden, index, weights)
-    experts.__class__ = cpu_ops.CPUExperts
+    eager = ZayaExperts(tiny_config(experts_implementation="eager")).bfloat16()
+    eager.load_state_dict(experts.state_dict())
+    expected = eager(hidden, index, weights)
     assert relative_error(experts(hidden, index, weights), expected) <= 2 * BF16_ULP
+
+
+def test_grouped_mm_asked_for_runs_grouped_mm(without_native_bf16, monkeypatch):
+    """`zaya_by_expert` is opt in: bf16 prefill under `grouped_mm` stays `grouped_mm` (transformers' tests check)."""
+    from transformers.integrations import moe
+
+    config = tiny_config(experts_implementation="grouped_mm")
+    experts = cpu_ops.CPUExperts(config).bfloat16()
+    calls = []
+    monkeypatch.setitem(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm",
+                        lambda module, *args: calls.append(args[0].shape) or torch.zeros_like(args[0]))
+    experts(torch.randn(12, config.hidden_size).bfloat16(), torch.full((12, 1), 2), torch.ones(12, 1).bfloat16())
+    assert calls == [torch.Size([12, config.hidden_size])]
 
 
 @torch.no_grad()

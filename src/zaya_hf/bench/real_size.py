@@ -122,12 +122,21 @@ class _ExpertRecorder:
                 "experts_used_per_layer": (counts > 0).sum(-1).tolist()}
 
 
+# zaya_hf's experts run its opt-in "zaya_by_expert" implementation (fp32 GEMMs per expert where the CPU has no
+# native bf16 kernels); transformers' ZAYA runs its default, grouped_mm.
+ZAYA_HF_EXPERTS_IMPLEMENTATION = "zaya_by_expert"
+
+
 def _load(implementation: str, checkpoint: str):
     if implementation == "zaya_hf":
         from zaya_hf import ZayaForCausalLM
+
+        options = {"experts_implementation": ZAYA_HF_EXPERTS_IMPLEMENTATION}
     else:
         from transformers.models.zaya.modeling_zaya import ZayaForCausalLM
-    return ZayaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+
+        options = {}
+    return ZayaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, **options).eval()
 
 
 def _peak_rss_bytes() -> int:
@@ -252,7 +261,7 @@ def run_real_size_benchmark(
     folder = checkpoint_for(Path(folder), layers)
     warm_page_cache(folder)
     result: dict = {"config": "ZAYA1-8B", "layers": layers, "of_layers": 40, "dtype": "bfloat16", "device": "cpu",
-                    "threads": threads}
+                    "threads": threads, "zaya_hf_experts_implementation": ZAYA_HF_EXPERTS_IMPLEMENTATION}
     bandwidths, loads = [read_bandwidth()], [os.getloadavg()[0]]
     log(f"read bandwidth {bandwidths[-1] / 1e9:.2f} GB/s; loading the workers")
     workers = {name: Worker(name, folder, threads) for name in IMPLEMENTATIONS}

@@ -13,9 +13,12 @@ back when the module moves to another device); the model's own forwards stay the
   W + 1 window, then one product per head group) instead of two `conv1d` calls over the window, about 3x faster;
   without native bf16 kernels, a bf16 prefill's two convs in fp32, rounded as the bf16 ones round.
 * `CPUExperts`: under transformers' default experts implementation (`grouped_mm`), a one-token step multiplies its
-  expert directly, a compiled step of one or two tokens reads each token's expert weights in place (fused), and
-  bf16 batches where some expert gets enough tokens for an fp32 GEMM (prefill) multiply expert by expert; every other
-  case is `grouped_mm` itself.
+  expert directly and a compiled step of one or two tokens reads each token's expert weights in place (fused); every
+  other case is `grouped_mm` itself.
+* `by_expert_experts_forward`, the experts implementation `"zaya_by_expert"` (opt in:
+  `experts_implementation="zaya_by_expert"`): each used expert's tokens as one product pair through `cpu_linear`,
+  so that bf16 prefill on CPUs without native bf16 kernels gets fp32 GEMMs. Opt in because a model asked for
+  `grouped_mm` must run `grouped_mm` (transformers' own tests check it is called).
 * `packed_gqa_sdpa`, the attention implementation `"zaya_sdpa"` (opt in: `attn_implementation="zaya_sdpa"`): one-token
   steps pass the G query heads of each KV head as G query rows of it, where torch's CPU SDPA with `enable_gqa` runs
   one query row per (batch, head) block, its slowest case. The kernel then splits the keys differently, so results
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..modeling_zaya import ZayaCCAProjection, ZayaDecoderLayer, ZayaExperts
@@ -256,8 +260,8 @@ class CPUCCAProjection(ZayaCCAProjection):
 
 
 class CPUExperts(ZayaExperts):
-    """The experts with transformers' default implementation (`grouped_mm`) sped up for one- and two-token steps
-    and for bf16 prefill; an implementation asked for by name (`experts_implementation=...`) runs as it is."""
+    """The experts with transformers' default implementation (`grouped_mm`) sped up for one- and two-token steps;
+    every other implementation, and `grouped_mm` on more tokens, runs as it is."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.config._experts_implementation == "grouped_mm":
@@ -266,11 +270,6 @@ class CPUExperts(ZayaExperts):
                     return self.gathered(hidden_states, top_k_index[:, 0], top_k_weights)
             elif hidden_states.shape[0] == 1:
                 return self.gathered(hidden_states, top_k_index[0, 0].item(), top_k_weights)
-            elif uses_fp32_gemm(hidden_states, self.gate_up_proj[0]):
-                expert_of_token = top_k_index[:, 0]
-                counts = torch.bincount(expert_of_token, minlength=self.num_experts)
-                if int(counts.max()) >= FP32_GEMM_MIN_ROWS:
-                    return self.by_expert(hidden_states, expert_of_token, top_k_weights, counts.tolist())
         return super().forward(hidden_states, top_k_index, top_k_weights)
 
     def gathered(self, hidden_states: torch.Tensor, expert: torch.Tensor | int, weights: torch.Tensor) -> torch.Tensor:
@@ -280,24 +279,28 @@ class CPUExperts(ZayaExperts):
         output = cpu_linear((self.act_fn(gate) * up)[:, None], self.down_proj[expert]).squeeze(1)  # [N, d]
         return (output * weights).to(hidden_states.dtype)
 
-    def by_expert(
-        self, hidden_states: torch.Tensor, expert_of_token: torch.Tensor, weights: torch.Tensor, counts: list[int]
-    ) -> torch.Tensor:
-        """The tokens of each used expert as one product pair (`cpu_linear`: fp32 GEMMs from `FP32_GEMM_MIN_ROWS`
-        rows), in expert order, scattered back; for batches whose cost is the products, not the loop."""
-        order = torch.argsort(expert_of_token, stable=True)
-        sorted_output = torch.empty_like(hidden_states)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                tokens = order[start : start + count]
-                gate, up = cpu_linear(hidden_states[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-                product = cpu_linear(self.act_fn(gate) * up, self.down_proj[expert])
-                sorted_output[start : start + count] = product * weights[tokens]
-                start += count
-        output = torch.empty_like(hidden_states)
-        output[order] = sorted_output
-        return output
+
+def by_expert_experts_forward(
+    module: ZayaExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The tokens of each used expert as one product pair (`cpu_linear`: fp32 GEMMs from `FP32_GEMM_MIN_ROWS`
+    rows without native bf16 kernels), in expert order, scattered back: `hidden_states` [N, d], `top_k_index` and
+    `top_k_weights` [N, 1] (top-1; skip-class tokens come as expert 0 with weight 0)."""
+    expert_of_token = top_k_index[:, 0]
+    counts = torch.bincount(expert_of_token, minlength=module.num_experts).tolist()
+    order = torch.argsort(expert_of_token, stable=True)
+    sorted_output = torch.empty_like(hidden_states)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            tokens = order[start : start + count]
+            gate, up = cpu_linear(hidden_states[tokens], module.gate_up_proj[expert]).chunk(2, dim=-1)
+            product = cpu_linear(module.act_fn(gate) * up, module.down_proj[expert])
+            sorted_output[start : start + count] = product * top_k_weights[tokens]
+            start += count
+    output = torch.empty_like(hidden_states)
+    output[order] = sorted_output  # back to token order
+    return output
 
 
 def packed_gqa_sdpa(
@@ -344,3 +347,4 @@ def install_cpu_forwards(model: nn.Module) -> None:
 
 
 AttentionInterface.register("zaya_sdpa", packed_gqa_sdpa)
+ALL_EXPERTS_FUNCTIONS.register("zaya_by_expert", by_expert_experts_forward)
