@@ -166,13 +166,29 @@ def from_kernel_layout(packed: torch.Tensor, kernel_scale: torch.Tensor, spec: Q
 
 
 def kernel_linear(x: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """`x` [..., K] times the quantized weight [N, K] (kernel layout) -> [..., N], read by torch's CPU kernel."""
+    """`x` [..., K] times the quantized weight [N, K] (kernel layout) -> [..., N], read by torch's CPU kernel.
+    Compiled graphs call the kernel as an opaque op: Inductor's own lowering of it rounds differently."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    if spec.bits == 8:
-        out = torch.ops.aten._weight_int8pack_mm(rows, packed, kernel_scale)
+    if torch.compiler.is_compiling():
+        out = quantized_matmul_op(rows, packed, kernel_scale, spec.bits, spec.group_size or 0)
     else:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, spec.group_size, kernel_scale)
+        out = quantized_matmul(rows, packed, kernel_scale, spec.bits, spec.group_size or 0)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def quantized_matmul(rows: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Tensor, bits: int,
+                  group_size: int) -> torch.Tensor:
+    if bits == 8:
+        return torch.ops.aten._weight_int8pack_mm(rows, packed, kernel_scale)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group_size, kernel_scale)
+
+
+quantized_matmul_op = torch.library.custom_op("zaya_hf::quantized_matmul", mutates_args=())(quantized_matmul)
+
+
+@quantized_matmul_op.register_fake
+def _(rows, packed, kernel_scale, bits, group_size):
+    return rows.new_empty(rows.shape[0], packed.shape[0])
 
 
 __all__ = [
@@ -185,6 +201,7 @@ __all__ = [
     "from_kernel_layout",
     "int4_block_n",
     "kernel_linear",
+    "quantized_matmul",
     "pack_int32",
     "pack_int4_kernel",
     "quantize",

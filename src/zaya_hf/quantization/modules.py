@@ -13,13 +13,15 @@ stacked ones (no expert is dequantized). Under autograd (QLoRA) the products deq
 gradients reach the inputs; the weights themselves are frozen integers.
 """
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
 from . import formats
-from .formats import QuantSpec
+from .formats import QuantSpec, quantized_matmul
 
 
 class QuantizedWeights(nn.Module):
@@ -184,8 +186,7 @@ class QuantizedEmbedding(QuantizedWeights):
         return f"{self.num_embeddings}, {self.embedding_dim}, {super().extra_repr()}"
 
 
-@torch.library.custom_op("zaya_hf::quantized_top1_experts", mutates_args=())
-def quantized_top1_experts(
+def top1_experts(
     hidden_states: torch.Tensor,
     expert_index: torch.Tensor,
     routing_weights: torch.Tensor,
@@ -199,34 +200,34 @@ def quantized_top1_experts(
 ) -> torch.Tensor:
     """Top-1 SwiGLU experts on kernel-layout weights: `hidden_states` [N, d], `expert_index` [N], `routing_weights`
     [N, 1] -> [N, d]. Tokens are grouped by expert and each group multiplies its expert's matrices in place (a view
-    of the stacked [E, ...] buffers). An opaque op, so compiled graphs call it as it is (`group_size` 0: per channel).
-    """
-    spec = QuantSpec(bits, group_size or None)
-    act_fn = ACT2FN[activation]
-    output = torch.zeros_like(hidden_states)
+    of the stacked [E, ...] buffers); `group_size` 0 is per channel."""
+    act_fn = _activation(activation)
     if hidden_states.shape[0] == 1:
-        experts, order, counts = [int(expert_index[0])], None, [1]
-    else:
-        order = torch.argsort(expert_index, stable=True)
-        experts_present, counts_present = torch.unique_consecutive(expert_index[order], return_counts=True)
-        experts, counts = experts_present.tolist(), counts_present.tolist()
-    start = 0
-    for expert, count in zip(experts, counts):
-        tokens = None if order is None else order[start : start + count]
-        start += count
-        rows = hidden_states if tokens is None else hidden_states[tokens]
-        gate, up = formats.kernel_linear(rows, gate_up[expert], gate_up_scale[expert], spec).chunk(2, dim=-1)
-        out = formats.kernel_linear(act_fn(gate) * up, down[expert], down_scale[expert], spec)
-        weights = routing_weights if tokens is None else routing_weights[tokens]
-        out = (out * weights).to(output.dtype)
-        if tokens is None:
-            output = out
-        else:
-            output.index_copy_(0, tokens, out)
+        expert = int(expert_index[0])
+        gate, up = quantized_matmul(hidden_states, gate_up[expert], gate_up_scale[expert], bits, group_size).chunk(2, -1)
+        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)
+        return (out * routing_weights).to(hidden_states.dtype)
+    output = torch.zeros_like(hidden_states)
+    order = torch.argsort(expert_index, stable=True)
+    experts, counts = torch.unique_consecutive(expert_index[order], return_counts=True)
+    for expert, tokens in zip(experts.tolist(), order.split(counts.tolist())):
+        gate, up = quantized_matmul(hidden_states[tokens], gate_up[expert], gate_up_scale[expert], bits,
+                                 group_size).chunk(2, dim=-1)
+        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)
+        output.index_copy_(0, tokens, (out * routing_weights[tokens]).to(output.dtype))
     return output
 
 
-@quantized_top1_experts.register_fake
+@cache
+def _activation(name: str) -> nn.Module:
+    return ACT2FN[name]
+
+
+# Compiled graphs call the experts as one opaque op (its token grouping is data-dependent).
+top1_experts_op = torch.library.custom_op("zaya_hf::quantized_top1_experts", mutates_args=())(top1_experts)
+
+
+@top1_experts_op.register_fake
 def _(hidden_states, expert_index, routing_weights, gate_up, gate_up_scale, down, down_scale, bits, group_size,
       activation):
     return torch.empty_like(hidden_states)
@@ -251,7 +252,8 @@ class QuantizedExperts(QuantizedWeights):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.in_kernel_layout and kernels_apply(hidden_states, top_k_weights):
-            return quantized_top1_experts(
+            experts = top1_experts_op if torch.compiler.is_compiling() else top1_experts
+            return experts(
                 hidden_states.contiguous(), top_k_index[:, 0], top_k_weights, self.gate_up_proj,
                 self.gate_up_proj_scale, self.down_proj, self.down_proj_scale, self.spec.bits,
                 self.spec.group_size or 0, self.activation,
@@ -282,4 +284,4 @@ class QuantizedExperts(QuantizedWeights):
         return f"{self.num_experts} experts, {super().extra_repr()}"
 
 
-__all__ = ["QuantizedEmbedding", "QuantizedExperts", "QuantizedLinear", "QuantizedWeights", "quantized_top1_experts"]
+__all__ = ["QuantizedEmbedding", "QuantizedExperts", "QuantizedLinear", "QuantizedWeights", "top1_experts", "top1_experts_op"]

@@ -152,6 +152,11 @@ class ZayaHfQuantizer(HfQuantizer):
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return torch.bfloat16 if dtype is None else dtype
 
+    def get_new_dtype(self, converter, param, dtype: torch.dtype | None) -> torch.dtype | None:
+        if dtype is not None and not dtype.is_floating_point:
+            return None  # integers load as stored: `check_loaded` names a tensor of the wrong dtype, never cast it
+        return super().get_new_dtype(converter, param, dtype)
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:
             return False
