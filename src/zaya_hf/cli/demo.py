@@ -16,6 +16,8 @@ def add_demo_parser(subparsers) -> None:
         "plot accuracy against tokens spent (needs matplotlib: pip install 'zaya-hf[demo]').",
     )
     add_model_arguments(parser)
+    parser.add_argument("--quantize", choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128"], default=None,
+                        help="quantize the model's weights as it loads (int4: group 64)")
     parser.add_argument("--problems", type=positive_int, default=None, help="held-out problems to solve")
     parser.add_argument("--problem-seed", type=int, default=1234, help="which held-out problems (default 1234)")
     parser.add_argument("--plot", default="zaya_demo.png", help="PNG to write (default zaya_demo.png)")

@@ -271,6 +271,11 @@ class QuantizedExperts(QuantizedWeights):
             output = output.index_add(0, tokens, (out * routing_weights[tokens]).to(output.dtype))
         return output
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The gate/up integers, under the name PEFT reads the device of a quantized layer from (GPTQ's)."""
+        return self.gate_up_proj
+
     def expert_weight(self, name: str, expert: int) -> torch.Tensor:
         """Expert `expert`'s dequantized `name` matrix."""
         packed, scale = getattr(self, name)[expert], getattr(self, f"{name}_scale")[expert]
