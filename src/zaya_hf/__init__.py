@@ -12,6 +12,7 @@ from .configuration_zaya import ZayaConfig
 from .default_model import default_model_path
 from .modeling_zaya import MismatchedWeightsError, MissingWeightsError, ZayaForCausalLM, ZayaModel, ZayaPreTrainedModel
 from .ops import install_cpu_forwards  # registers the package's fast paths with ZayaPreTrainedModel
+from .quantization import ZayaQuantizationConfig  # registers quant_method "zaya_hf" with transformers
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "ZayaForCausalLM",
     "ZayaModel",
     "ZayaPreTrainedModel",
+    "ZayaQuantizationConfig",
     "default_model_path",
     "export_for_hub",
     "predict_cache_nbytes",
