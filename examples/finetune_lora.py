@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     args = parser.parse_args()
+    if args.model is not None and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such folder (this example loads local folders only)")
 
     base = load_base_model(args.model)
     config = base.config

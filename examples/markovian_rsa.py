@@ -13,6 +13,7 @@ The package downloads nothing: `--model` is a local folder (e.g. a snapshot of Z
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for flag, folder in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if folder is not None and not Path(folder).is_dir():
+            parser.error(f"{flag} {folder}: no such folder (this example loads local folders only)")
 
     if not (args.model or args.endpoint or args.demo):
         from zaya_hf import default_model_path
@@ -114,7 +118,9 @@ def main() -> None:
     if args.endpoint:
         from zaya_hf.serving import OpenAICompletionsEngine
 
-        engine = OpenAICompletionsEngine(args.endpoint, model=args.served_model, max_concurrency=args.max_concurrency)
+        engine = OpenAICompletionsEngine(
+            args.endpoint, model=args.served_model, max_concurrency=args.max_concurrency, tokenizer=tokenizer
+        )
         result = run_markovian_rsa(engine, args.question, tokenizer, config)
         print(f"server usage: {engine.usage}")
     else:

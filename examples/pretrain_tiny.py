@@ -1,7 +1,7 @@
-"""Pre-train a tiny ZAYA from scratch with Trainer and PID bias balancing of the routers, on CPU, on a synthetic
+"""Pre-train a tiny ZAYA from scratch with Trainer and bias balancing of the routers, on CPU, on a synthetic
 Markov language it generates (every token has four likely successors).
 
-    python examples/pretrain_tiny.py [--max-steps 600] [--output-dir tiny-zaya-pretrained] [--no-balancer]
+    python examples/pretrain_tiny.py [--max-steps 600] [--output-dir tiny-zaya-pretrained] [--rule pid|sign] [--no-balancer]
 
 Prints the loss, then each layer's expert load (fractions of the held-out tokens per expert, skip class last) and
 its imbalance (max / mean expert load, 1.0 = perfect), and saves the model with `save_pretrained`. Run it with
@@ -62,9 +62,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--output-dir", default="tiny-zaya-pretrained")
     parser.add_argument("--no-balancer", action="store_true", help="train without the bias balancer")
-    parser.add_argument("--kp", type=float, default=0.2, help="proportional gain of the balancer")
-    parser.add_argument("--ki", type=float, default=1.0, help="integral gain of the balancer")
-    parser.add_argument("--kd", type=float, default=0.0, help="derivative gain of the balancer")
+    parser.add_argument("--rule", choices=BiasBalancer.RULES, default="pid", help="the balancer's update rule")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     args = parser.parse_args()
@@ -84,7 +82,7 @@ def main() -> None:
 
     callbacks = []
     if not args.no_balancer:
-        balancer = BiasBalancer(kp=args.kp, ki=args.ki, kd=args.kd)  # target: uniform over experts, skip 0
+        balancer = BiasBalancer(rule=args.rule)  # target: uniform over experts, skip 0
         callbacks = [BiasBalancingCallback(balancer), LoadImbalanceLogger(balancer)]
     training_args = TrainingArguments(
         args.output_dir,

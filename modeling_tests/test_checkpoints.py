@@ -5,14 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_pair, tiny_config
+from reference_data import ZAYA1_8B_CONFIG, zaya1_8b_tensor_shapes
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 from transformers.models.zaya.modeling_zaya import ZayaForCausalLM as ReferenceForCausalLM
 
 import zaya_hf
 from zaya_hf import MismatchedWeightsError, MissingWeightsError, ZayaConfig, ZayaForCausalLM, ZayaModel
-
-KEYS_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "zaya1-8b.keys.tsv"
 
 
 @torch.no_grad()
@@ -37,13 +36,8 @@ def test_transformers_loads_a_folder_written_by_us(tmp_path):
 
 
 def test_meta_construction_of_8b_has_the_published_tensors():
-    if not KEYS_TSV.exists():
-        pytest.skip("shared/reference is not beside this checkout")
-    expected = {}
-    for line in KEYS_TSV.read_text().splitlines()[1:]:
-        name, shape = line.split("\t")
-        expected[name] = tuple(int(x) for x in shape.strip("[]").split(",") if x.strip())
-    config = ZayaConfig.from_json_file(KEYS_TSV.parent / "zaya1-8b.config.json")
+    expected = zaya1_8b_tensor_shapes()
+    config = ZayaConfig.from_json_file(ZAYA1_8B_CONFIG)
     with torch.device("meta"):
         model = ZayaForCausalLM(config)
     state = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in model._tied_weights_keys}

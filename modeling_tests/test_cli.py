@@ -6,14 +6,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from reference_data import ZAYA1_8B_CONFIG
 from safetensors.torch import load_file
 
 import zaya_hf
 from zaya_hf.cli import main
 from zaya_hf.cli.common import CommandError, resolve_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SUBCOMMANDS = ["demo", "generate", "chat", "rsa", "info", "bench", "convert", "export"]
+SUBCOMMANDS = ["demo", "generate", "chat", "rsa", "info", "bench", "convert", "export", "serve-rsa", "eval"]
 # Markovian RSA shrunk to seconds: 1 aggregation round over 2 candidates.
 SMALL_RSA = ["--rounds", "1", "--population", "2", "--subset-size", "2", "--rollout-tokens", "48", "--tail-tokens", "32"]
 
@@ -95,7 +95,7 @@ def test_info_describes_the_embedded_model_and_zaya1_8b_from_its_config(tmp_path
     assert params["total"] == sum(w.numel() for name, w in weights.items() if "balancing_biases" not in name)
     assert params["embeddings"] < params["active_per_token"] < params["total"]
 
-    shutil.copy(SHARED / "reference" / "zaya1-8b.config.json", tmp_path / "config.json")
+    shutil.copy(ZAYA1_8B_CONFIG, tmp_path / "config.json")
     status, out, _ = run(["info", "--model", str(tmp_path), "--json"], capsys)
     info = json.loads(out)
     assert 8.8e9 < info["parameters"]["total"] < 8.9e9  # "8.84 B parameters"
@@ -193,7 +193,7 @@ def test_convert_and_export_forward_to_the_checkpoint_tools(tmp_path, capsys):
     assert (tmp_path / "hub" / "modeling_zaya.py").is_file() and (tmp_path / "hub" / "tokenizer.json").is_file()
 
     status, _, err = run(["export", str(source), str(tmp_path / "hub"), "--no-progress"], capsys)
-    assert status == 1 and "error" in err  # never overwrites
+    assert status == 2 and "error" in err  # never overwrites
     status, _, err = run(["convert", str(tmp_path / "missing"), str(tmp_path / "out")], capsys)
     assert status != 0 and "missing" in err
 

@@ -1,26 +1,16 @@
 import json
-from pathlib import Path
 
 import pytest
+from reference_data import ZAYA1_8B_CONFIG
 from transformers import AutoConfig
 
 import zaya_hf
 from zaya_hf import ZayaConfig
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
-
-@pytest.fixture
-def published_config_path():
-    path = REFERENCE / "zaya1-8b.config.json"
-    if not path.exists():
-        pytest.skip("shared/reference is not beside this checkout")
-    return path
-
-
-def test_published_config_loads_unchanged(published_config_path, tmp_path):
-    config = ZayaConfig.from_json_file(published_config_path)
-    published = json.loads(published_config_path.read_text())
+def test_published_config_loads_unchanged(tmp_path):
+    config = ZayaConfig.from_json_file(ZAYA1_8B_CONFIG)
+    published = json.loads(ZAYA1_8B_CONFIG.read_text())
     assert config.model_type == "zaya"
     for key in ("hidden_size", "num_hidden_layers", "num_experts", "head_dim", "vocab_size", "router_hidden_size",
                 "moe_intermediate_size", "num_key_value_heads", "cca_time0", "cca_time1", "eos_token_id"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize, tiny_config
+from reference_data import ZAYA1_8B_CONFIG, ZAYA1_8B_LEGACY_CONFIG, zaya1_8b_tensor_shapes
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,7 +31,6 @@ from zaya_hf.checkpoints import (
 from zaya_hf.checkpoints.convert import main as convert_main
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 INDEX = "model.safetensors.index.json"
 
 
@@ -148,10 +148,8 @@ def test_legacy_tensors_carry_the_documented_names(tiny):
 
 @pytest.fixture
 def published():
-    if not REFERENCE.exists():
-        pytest.skip("shared/reference is not beside this checkout")
-    legacy = json.loads((REFERENCE / "zaya1-8b-legacy.config.json").read_text())
-    return legacy, ZayaConfig.from_json_file(REFERENCE / "zaya1-8b.config.json")
+    legacy = json.loads(ZAYA1_8B_LEGACY_CONFIG.read_text())
+    return legacy, ZayaConfig.from_json_file(ZAYA1_8B_CONFIG)
 
 
 def test_published_legacy_config_converts_to_the_published_current_config(published):
@@ -166,11 +164,7 @@ def test_published_legacy_8b_layout(published):
     legacy, _ = published
     config = legacy_config_to_current(legacy)
     current_shapes = expected_tensor_shapes(config, "current")
-    published_shapes = {}
-    for line in (REFERENCE / "zaya1-8b.keys.tsv").read_text().splitlines()[1:]:
-        name, shape = line.split("\t")
-        published_shapes[name] = tuple(int(x) for x in shape.strip("[]").split(",") if x.strip())
-    assert current_shapes == published_shapes
+    assert current_shapes == zaya1_8b_tensor_shapes()
     legacy_shapes = expected_tensor_shapes(config, "legacy")
     assert len(legacy_shapes) == 1283 - 2 * 40 + 2 * 40 * 16
     assert legacy_shapes["model.layers.79.zaya_block.experts.local_experts.15.linear_fc1.weight"] == (4096, 2048)
@@ -318,9 +312,9 @@ def test_command_line(tiny, tmp_path, capsys, monkeypatch):
     _, _, legacy = tiny
     assert convert_main([str(legacy), str(tmp_path / "a"), "--no-progress"]) == 0
     assert "current layout" in capsys.readouterr().out
-    assert convert_main([str(legacy), str(tmp_path / "a"), "--no-progress"]) == 1
+    assert convert_main([str(legacy), str(tmp_path / "a"), "--no-progress"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error: ") and "not an empty folder" in error
+    assert ": error: " in error and "not an empty folder" in error
     # The script in conversion/ is the same entry point.
     monkeypatch.setattr("sys.argv", ["convert_legacy_checkpoint.py", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "legacy"])
     with pytest.raises(SystemExit) as exit_info:

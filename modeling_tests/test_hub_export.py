@@ -255,4 +255,4 @@ def test_export_command_line(exported, tmp_path, capsys):
     assert "current layout" in capsys.readouterr().out
     assert TOKENIZER_FILES <= {p.name for p in (tmp_path / "out").iterdir()}
     assert '"me/zaya-cli"' in (tmp_path / "out" / "README.md").read_text()
-    assert hub_module.main(argv) == 1 and "not an empty folder" in capsys.readouterr().err
+    assert hub_module.main(argv) == 2 and "not an empty folder" in capsys.readouterr().err

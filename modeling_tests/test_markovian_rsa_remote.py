@@ -1,69 +1,30 @@
 """Markovian RSA against a real OpenAI-compatible HTTP server on 127.0.0.1, started by the tests in a thread."""
 
-import json
+import copy
 import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from http_fixtures import Misbehaving, scripted_completion, serve
 from rsa_fixtures import QUESTION, make_tokenizer, tiny_rsa_model
+from tokenizers import processors
 
-from zaya_hf.generation_zaya import MarkovianRSAConfig
+from zaya_hf.generation_zaya import MarkovianRSAConfig, encode_chat
 from zaya_hf.serving import (
+    Cancellation,
     EndpointError,
+    EndpointTimeoutError,
     MalformedResponseError,
     MarkovianRSAConfig as ServingConfig,
     OpenAICompletionsEngine,
+    RequestCancelled,
+    RequestForm,
     run_markovian_rsa,
 )
+from zaya_hf.serving.openai_engine import STANDARD_COMPLETION_FIELDS
 
 GREEDY = {"do_sample": False}
-
-
-class OpenAIHandler(BaseHTTPRequestHandler):
-    """Routes POST /v1/completions and GET /v1/models to the server's `respond(path, body)`, which returns
-    `(status, payload, headers)`, or None to drop the connection without answering."""
-
-    def do_GET(self):
-        self._answer(self.server.respond(self.path, None))
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self._answer(self.server.respond(self.path, body))
-
-    def _answer(self, reply):
-        if reply is None:
-            self.close_connection = True
-            return
-        status, payload, headers = reply
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(status)
-        for name, value in {"Content-Type": "application/json", **headers}.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def serve(respond):
-    """A threaded HTTP server on a free loopback port; yields its base URL, stops on exit."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OpenAIHandler)
-    server.respond = respond
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 class ModelServer:
@@ -108,6 +69,12 @@ def model(tokenizer):
     return tiny_rsa_model(tokenizer, seed=3)
 
 
+def configured_engine(url: str, **kwargs) -> OpenAICompletionsEngine:
+    """An engine whose request form is configured (token-id prompts, non-standard fields): it negotiates nothing,
+    so a refusal is the answer to the rollout itself."""
+    return OpenAICompletionsEngine(url, prompt_format="tokens", extensions=True, **kwargs)
+
+
 PARAMS = dict(rounds=2, population=4, subset_size=2, rollout_tokens=6, tail_tokens=3, sampling=GREEDY, seed=9)
 
 
@@ -135,14 +102,9 @@ def test_remote_run_equals_the_local_run(model, tokenizer):
 def test_sampling_parameters_are_sent_as_openai_fields():
     engine = OpenAICompletionsEngine("http://127.0.0.1:1", model="m", extra_body={"stop": ["END"]})  # no request
     body = engine.request_body([1, 2], 16, {"temperature": 0.6, "top_k": 40, "repetition_penalty": 1.1}, seed=5)
-    assert body == {"model": "m", "prompt": [1, 2], "max_tokens": 16, "n": 1, "stream": False,
+    assert body == {"model": "m", "prompt": [1, 2], "max_tokens": 16, "stream": False,
                     "skip_special_tokens": False, "temperature": 0.6, "top_p": 1.0, "top_k": 40,
                     "repetition_penalty": 1.1, "seed": 5, "stop": ["END"]}
-
-
-def scripted_completion(body) -> dict:
-    return {"choices": [{"text": f"<think> w </think> \\boxed{{{len(body['prompt'])}}}", "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 5}}
 
 
 def test_concurrent_requests_respect_the_limit():
@@ -164,7 +126,8 @@ def test_concurrent_requests_respect_the_limit():
         return 200, scripted_completion(body), {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_concurrency=limit)
+        # The request form is configured: negotiating it would send the first rollout alone.
+        engine = configured_engine(url, model="m", max_concurrency=limit)
         batch = engine.generate([[1, 2, 3]] * 6, max_new_tokens=8, sampling={}, seed=None)
     assert in_flight[1] == limit
     assert [c.text for c in batch.completions] == ["<think> w </think> \\boxed{3}"] * 6
@@ -205,7 +168,7 @@ def test_persistent_failures_give_up_after_the_retries():
         return 502, {"error": "bad gateway"}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_retries=2, initial_backoff=0.01)
+        engine = configured_engine(url, model="m", max_retries=2, initial_backoff=0.01)
         with pytest.raises(EndpointError, match="after 3 attempts: HTTP 502"):
             engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
     assert len(calls) == 3
@@ -219,7 +182,7 @@ def test_client_errors_are_not_retried():
         return 400, {"error": {"message": "max_tokens is too large"}}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", initial_backoff=0.01)
+        engine = configured_engine(url, model="m", initial_backoff=0.01)
         with pytest.raises(EndpointError, match="HTTP 400.*max_tokens is too large"):
             engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
     assert len(calls) == 1
@@ -238,7 +201,7 @@ def test_a_failed_batch_stops_its_other_requests_before_returning():
         return 503, {"error": {"message": "busy"}}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_retries=100, initial_backoff=0.02, max_backoff=0.02)
+        engine = configured_engine(url, model="m", max_retries=100, initial_backoff=0.02, max_backoff=0.02)
         with pytest.raises(EndpointError, match="HTTP 400.*prompt too long"):
             engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
         seen, retries = len(calls), engine.usage.retries
@@ -262,7 +225,7 @@ def test_an_abort_during_the_backoff_sends_no_further_request():
         return 503, {"error": {"message": "busy"}}, {}
 
     with serve(respond) as url:
-        engine = OpenAICompletionsEngine(url, model="m", max_retries=3, initial_backoff=30, max_backoff=30)
+        engine = configured_engine(url, model="m", max_retries=3, initial_backoff=30, max_backoff=30)
         start = time.perf_counter()
         with pytest.raises(EndpointError, match="HTTP 400.*prompt too long"):
             engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
@@ -291,7 +254,154 @@ def test_malformed_responses_raise_a_clear_error(payload, message):
 def test_model_discovery_and_url_checks():
     with serve(lambda path, body: (200, {"data": []}, {})) as url:
         with pytest.raises(MalformedResponseError, match="pass model="):
-            OpenAICompletionsEngine(url + "/v1/")
+            OpenAICompletionsEngine(url + "/v1/").model
     with pytest.raises(ValueError, match="http"):
         OpenAICompletionsEngine("127.0.0.1:8000", model="m")
     assert OpenAICompletionsEngine("http://127.0.0.1:1/v1/", model="m").base_url == "http://127.0.0.1:1/v1"
+
+
+# -- deadlines: a server that trickles or stalls cannot hold a rollout past them ------------------------------------
+
+
+def test_a_trickling_server_fails_at_the_deadline():
+    """One byte every 0.25 s never trips a per-read timeout: the attempt's wall-clock limit (1 s) ends the first
+    attempt, the rollout's deadline (1.6 s) the second, counted as one retry."""
+    server = Misbehaving("trickle")
+    with serve(server) as url:
+        engine = configured_engine(url, model="m", timeout=1.0, deadline=1.6, max_retries=5, initial_backoff=0.05)
+        start = time.monotonic()
+        with pytest.raises(EndpointTimeoutError, match=r"deadline of 1.6 s \(2 attempts"):
+            engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
+        elapsed = time.monotonic() - start
+    assert 1.6 <= elapsed < 1.6 + 0.75
+    assert engine.usage.retries == 1 and server.requests == 2
+
+
+def test_a_stalled_server_fails_after_the_counted_retries():
+    server = Misbehaving("stall")
+    with serve(server) as url:
+        engine = configured_engine(url, model="m", timeout=0.5, deadline=30, max_retries=2, initial_backoff=0.05)
+        start = time.monotonic()
+        with pytest.raises(EndpointError, match=r"still failing after 3 attempts: no complete answer within 0.5 s"):
+            engine.generate([[1]], max_new_tokens=4, sampling={}, seed=None)
+        elapsed = time.monotonic() - start
+        deadline = time.monotonic() + 5
+        while server.left < 3 and time.monotonic() < deadline:  # the server notices each abandoned attempt
+            time.sleep(0.05)
+    assert 1.5 <= elapsed < 1.5 + 0.75
+    assert engine.usage.retries == 2 and server.requests == 3 and server.left == 3
+
+
+def test_a_cancellation_closes_the_requests_in_flight():
+    server = Misbehaving("stall")
+    cancellation = Cancellation()
+    with serve(server) as url:
+        engine = configured_engine(url, model="m", max_concurrency=2)
+        outcome = []
+
+        def run():
+            try:
+                engine.generate([[1], [2], [3]], max_new_tokens=4, sampling={}, seed=None, cancellation=cancellation)
+            except RequestCancelled as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while server.requests < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cancellation.cancel()
+        thread.join(timeout=5)
+        while (server.left < 2 or engine.usage.cancelled < 2) and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+    assert len(outcome) == 1
+    # Two rollouts were in flight (the cap), the third never started: two requests closed, two counted.
+    assert server.requests == 2 and server.left == 2 and engine.usage.cancelled == 2
+
+
+# -- request forms: servers that refuse token-id prompts or non-standard fields --------------------------------------
+
+
+class TransformersServeLike:
+    """Refuses what `transformers serve` refuses (fields outside OpenAI's schema: 422; token-id prompts: 400) and
+    tokenizes text prompts as it does (`tokenizer(prompt)`, special tokens added), recording the ids it got."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.refused = 0
+        self.prompt_ids = []
+        self.lock = threading.Lock()
+
+    def __call__(self, path, body):
+        unexpected = set(body) - STANDARD_COMPLETION_FIELDS
+        with self.lock:
+            if unexpected:
+                self.refused += 1
+                return 422, {"detail": f"Unexpected fields in the request: {unexpected}"}, {}
+            if not isinstance(body["prompt"], str):
+                self.refused += 1
+                return 400, {"detail": "prompt must be a string."}, {}
+            ids = self.tokenizer(body["prompt"])["input_ids"]
+            self.prompt_ids.append(ids)
+        return 200, {"choices": [{"text": "<think> 3 </think> \\boxed{7}", "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": len(ids), "completion_tokens": 5}}, {}
+
+
+def bos_adding(tokenizer):
+    """A copy of `tokenizer` whose encoding adds `<bos>` itself, as Gemma-style tokenizers (and ZAYA1's) do."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_a_server_that_refuses_token_ids_and_extensions_gets_exact_text_prompts(tokenizer, adds_bos):
+    tokenizer = bos_adding(tokenizer) if adds_bos else tokenizer
+    server = TransformersServeLike(tokenizer)
+    config = MarkovianRSAConfig(rounds=1, population=3, subset_size=2, rollout_tokens=8, tail_tokens=4, seed=1,
+                                sampling={"temperature": 0.8})
+    with serve(server) as url, OpenAICompletionsEngine(url, model="m", tokenizer=tokenizer) as engine:
+        result = run_markovian_rsa(engine, QUESTION, tokenizer, config, progress=False)
+        form = engine.form
+    assert form == RequestForm(token_prompts=False, extensions=False)
+    assert server.refused == 3  # negotiated once: (ids, extensions), (ids), (text, extensions) refused
+    # Every prompt the server tokenized is exactly the one the algorithm built (no doubled BOS, no drift).
+    built = [length for record in result.rounds for length in record.prompt_lengths]
+    assert [len(ids) for ids in server.prompt_ids] == built and len(built) == 6
+    question_ids = encode_chat(tokenizer, [{"role": "user", "content": QUESTION}])
+    assert server.prompt_ids[0] == question_ids and question_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_text_prompts_of_the_embedded_tokenizer_re_encode_exactly():
+    from transformers import AutoTokenizer
+
+    from zaya_hf import default_model_path
+    from zaya_hf.generation_zaya import aggregation_messages, candidate_tail
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    engine = OpenAICompletionsEngine("http://127.0.0.1:1", model="m", tokenizer=tokenizer)  # sends nothing
+    tails = [candidate_tail("<think>\n7+5-3\n=12-3\n=9\n</think>\n\\boxed{9} é ✓", 6, "tokens", tokenizer)] * 2
+    prompts = [encode_chat(tokenizer, [{"role": "user", "content": "Compute 7+5-3.  Café ✓ \t x"}]),
+               encode_chat(tokenizer, aggregation_messages(None, "Compute 7+5-3.", tails))]
+    for ids in prompts:
+        assert tokenizer(engine.prompt_text(ids), add_special_tokens=True)["input_ids"] == ids
+    engine.close()
+
+
+def test_refused_extensions_are_an_error_when_the_sampling_needs_them(tokenizer):
+    with serve(TransformersServeLike(tokenizer)) as url:
+        engine = OpenAICompletionsEngine(url, model="m", tokenizer=tokenizer)
+        with pytest.raises(EndpointError, match="refuses non-standard fields, so the sampling's top_k=40"):
+            engine.generate([[1, 2]], max_new_tokens=4, sampling={"temperature": 0.6, "top_k": 40}, seed=None)
+
+
+def test_token_id_prompts_need_a_tokenizer_where_refused():
+    def respond(path, body):
+        return (400, {"detail": "prompt must be a string."}, {}) if not isinstance(body["prompt"], str) else None
+
+    with serve(respond) as url:
+        engine = OpenAICompletionsEngine(url, model="m", extensions=False)
+        with pytest.raises(EndpointError, match="refused every request form.*text prompts: no tokenizer="):
+            engine.generate([[1, 2]], max_new_tokens=4, sampling={}, seed=None)

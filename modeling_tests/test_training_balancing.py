@@ -1,4 +1,4 @@
-"""PID bias balancing: the update rule, the Trainer callback, checkpoint resume, and a skewed router brought back."""
+"""Bias balancing: the two update rules, the Trainer callback, checkpoint resume, and a skewed router brought back."""
 
 import json
 
@@ -24,11 +24,10 @@ def record(model, counts: list[list[int]], margin_sums: list[float] | None = Non
         router.load_counts, router.margin_sum = torch.tensor(row), torch.tensor(margin_sum)
 
 
-@pytest.mark.parametrize("scale_by_margin", [True, False])
-def test_pid_update_follows_the_formula(scale_by_margin):
+def test_pid_with_the_margin_gain_follows_the_formula():
     model = tiny_model()
     initial = torch.stack([r.balancing_biases for r in zaya_routers(model)]).clone()  # [2, 5]
-    balancer = BiasBalancer(kp=0.3, ki=0.2, kd=0.1, scale_by_margin=scale_by_margin)
+    balancer = BiasBalancer(kp=0.3, ki=0.2, kd=0.1, adaptive_gain=False)
     target = torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0])
     steps = (
         ([[40, 20, 20, 20, 0], [10, 30, 30, 20, 10]], [2.0, 30.0]),  # 100 tokens: mean margins 0.02 and 0.3
@@ -40,7 +39,7 @@ def test_pid_update_follows_the_formula(scale_by_margin):
         load = balancer.step(model)
         expected_load = torch.tensor(counts, dtype=torch.float) / 100
         torch.testing.assert_close(load, expected_load)
-        margin = torch.tensor(margin_sums)[:, None] / 100 if scale_by_margin else torch.ones(2, 1)
+        margin = torch.tensor(margin_sums)[:, None] / 100
         error = target - expected_load
         integral += margin * error
         derivative = torch.zeros_like(error) if previous is None else error - previous
@@ -48,21 +47,61 @@ def test_pid_update_follows_the_formula(scale_by_margin):
         expected = initial + margin * (0.3 * error + 0.1 * derivative) + 0.2 * integral
         biases = torch.stack([r.balancing_biases for r in zaya_routers(model)])
         torch.testing.assert_close(biases, expected)
-        torch.testing.assert_close(biases.sum(-1), initial.sum(-1))  # the errors sum to zero: no drift
+        torch.testing.assert_close(biases.sum(-1), initial.sum(-1))  # one gain per layer, errors sum to 0: no drift
         assert all(r.load_counts is None for r in zaya_routers(model))  # consumed
     assert balancer.num_steps == 2
+
+
+def test_adaptive_gain_grows_while_the_error_keeps_its_sign_and_shrinks_when_it_flips():
+    model = tiny_model(num_hidden_layers=1, layer_types=["hybrid"])
+    balancer = BiasBalancer()
+    grow, shrink, smoothing = BiasBalancer.GAIN_GROWTH, BiasBalancer.GAIN_SHRINK, BiasBalancer.ERROR_SMOOTHING
+    margin = 0.01  # 100 tokens, margins summing to 1
+    record(model, [[70, 10, 10, 10, 0]], [1.0])  # errors -0.45, +0.15 x 3, 0
+    balancer.step(model)
+    torch.testing.assert_close(balancer.gain, torch.full((1, 5), margin))
+    record(model, [[60, 10, 10, 20, 0]], [1.0])  # same signs
+    balancer.step(model)
+    torch.testing.assert_close(balancer.gain[0, :4], torch.full((4,), margin * grow))
+    # Expert 3 overshoots (error +0.05 smoothed to +0.1, then -0.35): its smoothed error flips; the others keep theirs.
+    record(model, [[20, 10, 10, 60, 0]], [1.0])
+    balancer.step(model)
+    assert smoothing * 0.1 + (1 - smoothing) * -0.35 < 0
+    torch.testing.assert_close(balancer.gain[0, 3], torch.tensor(margin * grow * shrink))
+    torch.testing.assert_close(balancer.gain[0, :3], torch.full((3,), margin * grow * grow))
+    # The gain stays within MIN_GAIN_MARGINS and MAX_GAIN_MARGINS mean margins.
+    for _ in range(30):
+        record(model, [[0, 100, 0, 0, 0]], [1.0])
+        balancer.step(model)
+    torch.testing.assert_close(balancer.gain[0, 1], torch.tensor(margin * BiasBalancer.MAX_GAIN_MARGINS))
 
 
 def test_layers_without_tokens_keep_their_biases_and_offsets_are_clamped():
     model = tiny_model()
     before = [r.balancing_biases.clone() for r in zaya_routers(model)]
-    balancer = BiasBalancer(kp=0.0, ki=1.0, max_offset=0.05, scale_by_margin=False)
+    balancer = BiasBalancer(rule="sign", step_size=0.1, max_offset=0.05)
     record(model, [[100, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
     balancer.step(model)
     first, second = (r.balancing_biases for r in zaya_routers(model))
     torch.testing.assert_close(first - before[0], torch.tensor([-0.05, 0.05, 0.05, 0.05, 0.0]))
     assert torch.equal(second, before[1])
-    assert balancer.integral.abs().max() <= 0.05  # anti-windup: the integral stops at the clamp
+    pid = BiasBalancer(max_offset=0.05)
+    for _ in range(20):
+        record(model, [[100, 0, 0, 0, 0], [100, 0, 0, 0, 0]], [100.0, 100.0])  # mean margin 1
+        pid.step(model)
+    assert pid.integral.abs().max() <= 0.05  # anti-windup: the integral stops at the clamp
+
+
+def test_sign_rule_steps_by_a_decaying_step():
+    model = tiny_model(num_hidden_layers=1, layer_types=["hybrid"])
+    initial = zaya_routers(model)[0].balancing_biases.clone()
+    balancer = BiasBalancer(rule="sign", step_size=0.01, decay_steps=2)
+    for _ in range(3):
+        record(model, [[70, 10, 10, 10, 0]], [5.0])  # the margins play no part
+        balancer.step(model)
+    moved = 0.01 * (1 + 1 / 1.5 + 1 / 2)  # u_t = 0.01 / (1 + t / 2), t = 0, 1, 2
+    expected = initial + torch.tensor([-moved, moved, moved, moved, 0.0])
+    torch.testing.assert_close(zaya_routers(model)[0].balancing_biases, expected)
 
 
 def test_targets():
@@ -79,11 +118,18 @@ def test_targets():
         BiasBalancer(ki=-1.0)
     with pytest.raises(ValueError, match="no ZAYA routers"):
         BiasBalancer().step(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        BiasBalancer(rule="aux-loss")
+    with pytest.raises(ValueError, match=r"\['kp'\] apply to rule='pid' only"):
+        BiasBalancer(rule="sign", kp=0.1)
+    with pytest.raises(ValueError, match="apply to rule='sign' only"):
+        BiasBalancer(step_size=0.01)
 
 
-def test_state_dict_round_trips_through_json():
+@pytest.mark.parametrize("rule", ["pid", "sign"])
+def test_state_dict_round_trips_through_json(rule):
     model = tiny_model()
-    balancer = BiasBalancer(kd=0.1, max_offset=0.5)
+    balancer = BiasBalancer(kd=0.1, max_offset=0.5) if rule == "pid" else BiasBalancer(rule="sign", max_offset=0.5)
     for counts in ([[70, 10, 10, 10, 0]] * 2, [[40, 20, 20, 20, 0]] * 2):
         record(model, counts, [3.0, 4.0])
         balancer.step(model)
@@ -96,6 +142,8 @@ def test_state_dict_round_trips_through_json():
         else:
             assert restored.balancer.state_dict()[key] == value
     assert restored.balancer.config() == balancer.config()
+    with pytest.raises(ValueError, match="rule="):
+        BiasBalancer(rule="sign" if rule == "pid" else "pid").load_state_dict(balancer.state_dict())
 
 
 def skewed_model(seed: int) -> torch.nn.Module:

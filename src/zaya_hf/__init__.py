@@ -10,7 +10,17 @@ from .cache_zaya import ZayaCache, predict_cache_nbytes
 from .checkpoints import export_for_hub
 from .configuration_zaya import ZayaConfig
 from .default_model import default_model_path
-from .modeling_zaya import MismatchedWeightsError, MissingWeightsError, ZayaForCausalLM, ZayaModel, ZayaPreTrainedModel
+from .configuration_zaya import CheckpointError, InvalidConfigError
+from .modeling_zaya import (
+    CorruptCheckpointError,
+    InvalidWeightsError,
+    MismatchedWeightsError,
+    MissingWeightsError,
+    UnexpectedWeightsError,
+    ZayaForCausalLM,
+    ZayaModel,
+    ZayaPreTrainedModel,
+)
 from .ops import install_cpu_forwards  # registers the package's fast paths with ZayaPreTrainedModel
 from .quantization import ZayaQuantizationConfig  # registers quant_method "zaya_hf" with transformers
 
@@ -32,6 +42,11 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 __all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "InvalidConfigError",
+    "InvalidWeightsError",
+    "UnexpectedWeightsError",
     "MismatchedWeightsError",
     "MissingWeightsError",
     "ZayaCache",

@@ -1,3 +1,4 @@
+# Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
 """ZAYA1 configuration.
 
 `ZayaConfig` reads the published `Zyphra/ZAYA1-8B` config.json unchanged (quirks included) and writes one that
@@ -7,11 +8,36 @@ plain transformers, vLLM and SGLang read: `model_type` stays `"zaya"` and every 
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 ZAYA_LAYER_TYPES = ("hybrid", "hybrid_sliding")
 ZAYA_KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+# Sizes every config.json must state: they fix the tensor shapes, so a missing one must not become ZAYA1-8B's.
+CHECKPOINT_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "moe_intermediate_size",
+    "router_hidden_size",
+)
+_POSITIVE_FIELDS = (*CHECKPOINT_SIZE_FIELDS, "max_position_embeddings", "cca_time0", "cca_time1")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (its config.json, its weights, its files) that cannot be loaded, converted or verified as it is.
+    Every subclass names the field, tensor or file at fault; `zaya_hf.checkpoints` raises the same classes."""
+
+
+class InvalidConfigError(CheckpointError):
+    """A config.json that lacks a size the weights depend on, or holds a value the model cannot run."""
+
 
 _DEFAULT_ROPE_PARAMETERS = {
     "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
@@ -94,13 +120,32 @@ class ZayaConfig(PreTrainedConfig):
         """Columns of pre-convolution q/k history a CCA layer needs: `(cca_time0 - 1) + (cca_time1 - 1)`."""
         return (self.cca_time0 - 1) + (self.cca_time1 - 1)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "ZayaConfig":
+        """The configuration of a config.json dict (what `from_pretrained` and the Auto classes read). Unlike the
+        constructor, whose defaults are ZAYA1-8B's, it requires every size in `CHECKPOINT_SIZE_FIELDS`; any problem is
+        an `InvalidConfigError` naming the field."""
+        missing = [name for name in CHECKPOINT_SIZE_FIELDS if name not in config_dict and name not in kwargs]
+        if missing:
+            raise InvalidConfigError(
+                f"The ZAYA config lacks {', '.join(missing)}: a checkpoint's config.json must state the sizes of its "
+                "weights (they are never taken from ZAYA1-8B's defaults)."
+            )
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except StrictDataclassError as error:  # the validator's own message names the field
+            raise InvalidConfigError(str(error.__cause__ or error)) from None
+
     def validate_architecture(self):
         """Fail early, with the field named, on configs the model cannot run."""
+        for name in _POSITIVE_FIELDS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_experts_per_tok != 1:
             raise ValueError(
                 f"ZAYA routes each token to exactly one expert: num_experts_per_tok must be 1, got {self.num_experts_per_tok}."
             )
-        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads != 0:
+        if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a positive multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
@@ -135,14 +180,10 @@ class ZayaConfig(PreTrainedConfig):
                     f"partial_rotary_factor of '{layer_type}' gives {rotary_dim} rotary dims out of head_dim "
                     f"{self.head_dim}; it must be a positive even number."
                 )
-        if self.cca_time0 < 1 or self.cca_time1 < 1:
-            raise ValueError(f"cca_time0 and cca_time1 must be >= 1, got {self.cca_time0} and {self.cca_time1}.")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
         if self.kernel_backend not in ZAYA_KERNEL_BACKENDS:
             raise ValueError(
                 f"kernel_backend must be one of {list(ZAYA_KERNEL_BACKENDS)}, got {self.kernel_backend!r}."
             )
 
 
-__all__ = ["ZayaConfig"]
+__all__ = ["CheckpointError", "InvalidConfigError", "ZayaConfig"]

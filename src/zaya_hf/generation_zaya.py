@@ -1,3 +1,4 @@
+# Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
 """Markovian RSA: the test-time-compute method ZAYA1-8B was trained for (MARKOVIAN_RSA.md).
 
 RSA (Recursive Self-Aggregation) keeps a population of N candidate solutions; every round, each new candidate
@@ -329,9 +330,7 @@ class MarkovianRSAConfig:
             if self.final_sampling is None:
                 self.final_sampling = dict(FINAL_AGGREGATION_SAMPLING)
         for name in ("sampling", "final_sampling"):
-            unknown = set(getattr(self, name) or {}) - SAMPLING_KEYS
-            if unknown:
-                raise ValueError(f"{name} has unknown keys {sorted(unknown)}; allowed: {sorted(SAMPLING_KEYS)}.")
+            check_sampling(name, getattr(self, name) or {})
 
     def schedule(self) -> list[RoundSpec]:
         """Rounds 0..T; the last one has the final population, budget and sampling."""
@@ -349,6 +348,29 @@ class MarkovianRSAConfig:
         """Upper bound on decode tokens per problem: sum over rounds of candidates × budget (= N·(T+1)·β with
         the final defaults). Real runs generate fewer: rollouts stop at EOS."""
         return sum(spec.num_candidates * spec.max_new_tokens for spec in self.schedule())
+
+
+def check_sampling(name: str, sampling: dict) -> None:
+    """Refuse a sampling dict that an engine would misread: unknown keys, or values out of range (a negative
+    temperature would otherwise decode greedily without a word). Temperature 0 means greedy."""
+    unknown = set(sampling) - SAMPLING_KEYS
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {sorted(unknown)}; allowed: {sorted(SAMPLING_KEYS)}.")
+    ranges = {  # key -> (accepts the value, the rule)
+        "temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 is off)"),
+        "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "repetition_penalty": (lambda v: v > 0, "> 0"),
+    }
+    for key, (accepts, rule) in ranges.items():
+        value = sampling.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not accepts(value)):
+            raise ValueError(f"{name}[{key!r}] must be {rule}, got {value!r}.")
+    if not isinstance(sampling.get("do_sample", False), bool):
+        raise ValueError(f"{name}['do_sample'] must be True or False, got {sampling['do_sample']!r}.")
+    if sampling.get("do_sample") and sampling.get("temperature") == 0:
+        raise ValueError(f"{name} sets do_sample=True with temperature 0: drop one (temperature 0 is greedy).")
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:

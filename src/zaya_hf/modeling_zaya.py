@@ -9,11 +9,13 @@ model as it is built, loaded or moved (`ZayaPreTrainedModel.fast_paths`); remote
 """
 
 import copy
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -28,14 +30,14 @@ from transformers.masking_utils import (
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, load_state_dict, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_zaya import ZayaCache
-from .configuration_zaya import ZayaConfig
+from .configuration_zaya import CheckpointError, InvalidConfigError, ZayaConfig
 from .generation_zaya import ZayaGenerationMixin
 
 
@@ -525,12 +527,81 @@ class ZayaDecoderLayer(GradientCheckpointingLayer):
         return self.post_mlp_residual_scale(hidden_states, residual), router_state
 
 
-class MissingWeightsError(ValueError):
-    """A checkpoint lacks tensors the model needs."""
+# What can be wrong with a checkpoint's weights. The root, `CheckpointError`, and `InvalidConfigError` live with the
+# config (config.json is read first); `zaya_hf.checkpoints` raises these same classes.
 
 
-class MismatchedWeightsError(ValueError):
-    """A checkpoint tensor has a different shape than the model's (usually a config that does not fit the weights)."""
+class CorruptCheckpointError(CheckpointError):
+    """A weights file is truncated or unreadable, or an index and its shards disagree about where a tensor is."""
+
+
+class MissingWeightsError(CheckpointError):
+    """Tensors the model needs are not in the checkpoint."""
+
+
+class UnexpectedWeightsError(CheckpointError):
+    """The checkpoint holds tensors the model has no place for: loading or converting it would drop them."""
+
+
+class MismatchedWeightsError(CheckpointError):
+    """A tensor's shape differs from the one the configuration implies (usually a config.json that does not fit)."""
+
+
+class InvalidWeightsError(CheckpointError):
+    """A tensor holds what no weight can be: a non-floating dtype (which loading would silently cast), or NaN/inf."""
+
+
+def position_limit(config: ZayaConfig) -> int | None:
+    """How many positions the model may run on: `max_position_embeddings` when every layer type uses the default
+    RoPE; None (no limit) when one uses another `rope_type`, a scaled RoPE being the config's claim to run longer."""
+    rope_types = {config.rope_parameters[t].get("rope_type", "default") for t in set(config.layer_types)}
+    return config.max_position_embeddings if rope_types == {"default"} else None
+
+
+def check_model_inputs(
+    config: ZayaConfig,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
+) -> None:
+    """Refuse, with the problem named, inputs the model would otherwise fail on cryptically: not exactly one of
+    `input_ids` / `inputs_embeds`, other than [batch, sequence(, hidden)], empty, token ids outside
+    [0, vocab_size), positions past `position_limit`. Runs once per forward (one host sync for the data-dependent
+    checks) and once per `generate()` call, never inside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if input_ids is not None and input_ids.ndim != 2:
+        hint = "; add the batch dimension: input_ids[None]" if input_ids.ndim == 1 else ""
+        raise ValueError(f"input_ids must be 2-D [batch, sequence], got shape {tuple(input_ids.shape)}{hint}.")
+    if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ValueError(
+            f"inputs_embeds must be [batch, sequence, {config.hidden_size}], got shape {tuple(inputs_embeds.shape)}."
+        )
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"Empty input of shape {tuple(inputs.shape)}: every sequence needs at least one token.")
+    if inputs.device.type == "meta":
+        return
+    limit = position_limit(config)
+    stats = list(input_ids.aminmax()) if input_ids is not None else []
+    if limit is not None and position_ids is not None:
+        stats.append(position_ids.max())
+    values = torch.stack([stat.long() for stat in stats]).tolist() if stats else []  # the one host sync
+    if input_ids is not None:
+        bad = values[0] if values[0] < 0 else values[1]
+        if not 0 <= bad < config.vocab_size:
+            raise ValueError(f"Token id {bad} is out of range: ids must be in [0, {config.vocab_size}) (vocab_size).")
+    if limit is not None:
+        past = cache.get_seq_length() if cache is not None else 0
+        last = values[-1] if position_ids is not None else past + inputs.shape[1] - 1
+        if last >= limit:
+            raise ValueError(
+                f"Position {last} is past max_position_embeddings ({limit}): the default RoPE was not trained that "
+                "far. Shorten the input, or configure a scaled rope_type in rope_parameters to run longer."
+            )
 
 
 # The Auto classes a saved folder answers to when this code travels with it (trust_remote_code).
@@ -544,6 +615,65 @@ REMOTE_CODE_AUTO_MAP = {
 def _preview(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# safetensors header dtype names -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool, "U8": torch.uint8,
+    "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32,
+    "I64": torch.int64, "U64": torch.uint64,
+}  # fmt: skip
+
+
+def _stored_dtypes(state_dict: dict | None, checkpoint_files: list[str] | None) -> Iterator[tuple[str, torch.dtype, str]]:
+    """(name, dtype, where) of every stored tensor, from the safetensors headers (no data read) or the state dict."""
+    if state_dict is not None:
+        yield from ((name, tensor.dtype, "the state dict") for name, tensor in state_dict.items())
+        return
+    for file in checkpoint_files or []:
+        if not file.endswith(".safetensors"):
+            yield from ((name, tensor.dtype, file) for name, tensor in load_state_dict(file, map_location="meta").items())
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                headers = [(name, handle.get_slice(name).get_dtype()) for name in handle.keys()]
+        except SafetensorError as error:
+            raise CorruptCheckpointError(f"{file} is truncated or corrupt: {error}.") from None
+        yield from ((name, SAFETENSORS_DTYPES.get(dtype, torch.uint8), file) for name, dtype in headers)
+
+
+def check_floating(name: str, dtype: torch.dtype, where: str) -> None:
+    if not dtype.is_floating_point:
+        raise InvalidWeightsError(
+            f"{name} is stored as {str(dtype).removeprefix('torch.')} in {where}: ZAYA weights are floating point, "
+            "and an integer tensor would be cast silently."
+        )
+
+
+def count_non_finite(tensors: list[torch.Tensor]) -> list[int]:
+    """NaN/inf values per tensor (all on one device), cheaply: one sum per tensor and one host sync, as a NaN or an
+    inf makes a sum non-finite. Only a non-finite sum is re-checked element-wise (the sum may merely overflow)."""
+    finite = torch.isfinite(torch.stack([tensor.sum().float() for tensor in tensors])).tolist()
+    return [0 if ok else int((~torch.isfinite(tensor)).sum()) for tensor, ok in zip(tensors, finite)]
+
+
+def non_finite_error(bad: list[tuple[str, int]], where: str) -> InvalidWeightsError:
+    """The error for tensors holding NaN/inf: (name, count) pairs, found in `where` (a file, a checkpoint)."""
+    return InvalidWeightsError(f"{_preview([f'{name} holds {count} NaN/inf value(s)' for name, count in bad])} in {where}.")
+
+
+def _check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse NaN/inf weights, checked on the device each tensor was loaded to."""
+    by_device = defaultdict(dict)
+    for name, tensor in model.state_dict().items():  # a tied tensor is listed under each name: checked once
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            by_device[tensor.device].setdefault(tensor.data_ptr(), (name, tensor))
+    for named in by_device.values():
+        names, tensors = zip(*named.values())
+        bad = [(name, count) for name, count in zip(names, count_non_finite(list(tensors))) if count]
+        if bad:
+            raise non_finite_error(bad, where)
 
 
 class ZayaPreTrainedModel(PreTrainedModel):
@@ -588,32 +718,64 @@ class ZayaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, except that a checkpoint missing any tensor raises instead of leaving
-        it randomly initialised (pass `allow_missing_weights=True` to start from a partial checkpoint on purpose).
-        Wrong-shaped tensors raise too, unless `ignore_mismatched_sizes=True`."""
+        """`PreTrainedModel.from_pretrained`, strict: a checkpoint that does not fit the model raises a
+        `CheckpointError` naming the tensor or file, instead of loading random, cast or garbage weights:
+
+        * `MissingWeightsError`: tensors the model needs are absent (`allow_missing_weights=True` initialises them
+          randomly, on purpose, as does `from_pretrained(None, config=..., state_dict=...)` for the tensors the
+          given state dict leaves out);
+        * `UnexpectedWeightsError`: tensors the model has no place for;
+        * `MismatchedWeightsError`: wrong shapes (unless `ignore_mismatched_sizes=True`, as in transformers);
+        * `InvalidWeightsError`: a non-floating dtype (read from the file headers) or NaN/inf values (one sum per
+          tensor where it was loaded; see `count_non_finite`);
+        * `CorruptCheckpointError`: a truncated or unreadable safetensors file.
+
+        With `output_loading_info=True` missing and unexpected tensors are reported in the returned info, as
+        transformers reports them, instead of raised."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         # Load with mismatches reported rather than raised, so that the error below can name them.
         model, loading_info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        where = f"checkpoint {source}" if source is not None else "state dict"
         mismatched = sorted(loading_info["mismatched_keys"])
         if mismatched and not ignore_mismatched_sizes:
             details = [f"{key} (checkpoint {tuple(ckpt)}, model {tuple(expected)})" for key, ckpt, expected in mismatched]
             raise MismatchedWeightsError(
-                f"The checkpoint has {len(mismatched)} tensor(s) of the wrong shape for {cls.__name__}: "
+                f"The {where} has {len(mismatched)} tensor(s) of the wrong shape for {cls.__name__}: "
                 f"{_preview(details)}. Check that config.json matches the weights."
             )
-        missing = sorted(loading_info["missing_keys"])
-        if missing and not allow_missing_weights:
-            unexpected = sorted(loading_info["unexpected_keys"])
+        missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
+        # `from_pretrained(None, config=..., state_dict=...)` builds from a config with the weights given by hand:
+        # what the state dict leaves out is initialised, as transformers does (the caller chose the tensors).
+        allow_missing_weights = allow_missing_weights or source is None
+        if missing and not (allow_missing_weights or output_loading_info):
             raise MissingWeightsError(
-                f"The checkpoint lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
+                f"The {where} lacks {len(missing)} tensor(s) of {cls.__name__}: {_preview(missing)}"
                 + (f"; it has {len(unexpected)} unexpected one(s): {_preview(unexpected)}" if unexpected else "")
                 + ". Refusing to initialise them randomly (allow_missing_weights=True to do so on purpose)."
             )
+        if unexpected and not output_loading_info:
+            raise UnexpectedWeightsError(
+                f"The {where} holds {len(unexpected)} tensor(s) {cls.__name__} has no place for: {_preview(unexpected)}. "
+                "Check that config.json matches the weights (output_loading_info=True reports them instead)."
+            )
+        _check_finite_weights(model, f"the {where}")
         model.install_fast_paths()  # for the loaded weights' device and dtype
         return (model, loading_info) if output_loading_info else model
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """transformers' loader (`from_pretrained` calls it with the resolved files), after refusing stored weights of
+        a non-floating dtype, which it would cast to the model's dtype without a word. Reads only the headers."""
+        if not load_config.is_quantized:  # quantized checkpoints store integer weights by design
+            expected = set(model.state_dict())
+            for name, dtype, where in _stored_dtypes(state_dict, checkpoint_files):
+                if name in expected:
+                    check_floating(name, dtype, where)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` (and so `push_to_hub`). When the code travels with the checkpoint
@@ -682,8 +844,7 @@ class ZayaModel(ZayaPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
@@ -695,8 +856,8 @@ class ZayaModel(ZayaPreTrainedModel):
             attention_mask, use_cache = check_packed_inputs(attention_mask, cache, use_cache)
         if use_cache is None:
             use_cache = self.config.use_cache and not (self.training and torch.is_grad_enabled())
-        if use_cache and cache is None:
-            cache = ZayaCache(self.config)
+        if use_cache and cache is None:  # as transformers' models do; generate() brings a ZayaCache
+            cache = DynamicCache(config=self.config)
         if cache is not None:
             check_cache(cache, self.config.num_hidden_layers)
         if position_ids is None:
@@ -746,7 +907,7 @@ def packed_sequence_positions(
     position_ids = position_ids.expand(batch, seq_len)
     restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
     if attention_mask is not None and attention_mask.ndim == 2:
-        real = attention_mask.bool()
+        real = attention_mask[:, -seq_len:].bool()  # the mask may cover cached tokens too
         restarts = restarts & real[:, 1:] & real[:, :-1]
     if not torch.compiler.is_compiling() and not bool(restarts.any()):
         return None
@@ -888,6 +1049,23 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             router_logits=outputs.router_logits,
         )
 
+    def _prepare_model_inputs(self, inputs, bos_token_id, model_kwargs):
+        """generate() hook, once per call: the prompt is checked before transformers indexes into it."""
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        check_model_inputs(self.config, **{input_name: inputs_tensor})
+        return inputs_tensor, input_name, model_kwargs
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """generate() hook, once per call: a generation that would run past `position_limit` fails before it starts."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = position_limit(self.config)
+        if limit is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"The prompt ({input_ids_length} tokens) plus max_new_tokens would reach {generation_config.max_length} "
+                f"tokens, past max_position_embeddings ({limit}): lower max_new_tokens to at most "
+                f"{limit - input_ids_length}."
+            )
+
     @staticmethod
     def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
         return create_zaya_masks(config, inputs_embeds, attention_mask, cache, position_ids)
@@ -921,4 +1099,15 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             cache.set_max_length(max_cache_length)
 
 
-__all__ = ["MismatchedWeightsError", "MissingWeightsError", "ZayaPreTrainedModel", "ZayaModel", "ZayaForCausalLM"]
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "InvalidConfigError",
+    "InvalidWeightsError",
+    "MismatchedWeightsError",
+    "MissingWeightsError",
+    "UnexpectedWeightsError",
+    "ZayaPreTrainedModel",
+    "ZayaModel",
+    "ZayaForCausalLM",
+]

@@ -1,29 +1,29 @@
-"""What can be wrong with a checkpoint folder. Every error names the file or tensor at fault."""
+"""What can be wrong with a checkpoint folder. Every error names the file, field or tensor at fault.
 
+The classes are the model's own (`zaya_hf.modeling_zaya`, `zaya_hf.configuration_zaya`): a tensor missing from a
+folder is the same failure whether `from_pretrained` or `convert_checkpoint` finds it. This package adds the two
+failures only it can detect, and keeps its earlier names for the shared classes.
+"""
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be read, converted, verified or exported as it is."""
+from ..configuration_zaya import CheckpointError, InvalidConfigError
+from ..modeling_zaya import (
+    CorruptCheckpointError,
+    InvalidWeightsError,
+    MismatchedWeightsError,
+    MissingWeightsError,
+    UnexpectedWeightsError,
+)
+
+# Earlier names of the shared classes (the same objects).
+MissingTensorsError = MissingWeightsError
+UnexpectedTensorsError = UnexpectedWeightsError
+WrongShapeError = MismatchedWeightsError
 
 
 class UnknownLayoutError(CheckpointError):
     """The folder is neither a current-layout nor a legacy-layout ZAYA checkpoint (or mixes the two)."""
 
 
-class CorruptCheckpointError(CheckpointError):
-    """A shard is truncated or unreadable, or the index and the shards disagree about where a tensor is."""
-
-
-class MissingTensorsError(CheckpointError):
-    """Tensors the configuration requires are not in the checkpoint."""
-
-
-class UnexpectedTensorsError(CheckpointError):
-    """The checkpoint holds tensors that the layout has no place for: they would be lost by a conversion."""
-
-
-class WrongShapeError(CheckpointError):
-    """A tensor's shape differs from the one the configuration implies."""
-
-
 class VerificationError(CheckpointError):
     """A written checkpoint failed its forward-pass check."""
+

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers.utils.hub import convert_file_size_to_int
 
-from ..modeling_zaya import _preview
+from ..modeling_zaya import SAFETENSORS_DTYPES, _preview, check_floating, count_non_finite, non_finite_error
 from .errors import CheckpointError, CorruptCheckpointError, UnknownLayoutError
 
 SINGLE_FILE = "model.safetensors"
@@ -58,9 +58,10 @@ class CheckpointReader:
     """The tensors of a safetensors checkpoint folder: a single `model.safetensors`, or shards listed by
     `model.safetensors.index.json`.
 
-    Opening checks every shard header (a truncated file fails here) and that the index and the shards agree: each
-    indexed tensor is in its shard, each tensor of a shard is indexed, no tensor is stored twice. Tensors are then
-    read one at a time, memory-mapped.
+    Opening checks every shard header (a truncated file fails here), that every tensor has a floating-point dtype,
+    and that the index and the shards agree: each indexed tensor is in its shard, each tensor of a shard is indexed,
+    no tensor is stored twice. Tensors are then read one at a time, memory-mapped, and each read is checked for
+    NaN/inf (one sum per tensor: reading dominates), so whatever reads the whole checkpoint checks all of it.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -74,6 +75,8 @@ class CheckpointReader:
             raise
 
     def _open(self) -> None:
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder}: no such folder.")
         index_path = self.folder / INDEX_FILE
         if index_path.exists():
             weight_map = read_json(index_path).get("weight_map")
@@ -96,11 +99,12 @@ class CheckpointReader:
                 raise CorruptCheckpointError(f"{INDEX_FILE} lists shard {shard_name}, which is not in {self.folder}.")
             try:
                 handle = safe_open(path, framework="pt")
-                names = list(handle.keys())
+                dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
             except SafetensorError as error:
                 raise CorruptCheckpointError(f"Shard {path} is truncated or corrupt: {error}.") from None
             self._handles[shard_name] = handle
-            for name in names:
+            for name, dtype in dtypes.items():
+                check_floating(name, SAFETENSORS_DTYPES.get(dtype, torch.uint8), str(path))
                 if name in self.location:
                     raise CorruptCheckpointError(f"Tensor {name} is stored twice: in {self.location[name]} and {shard_name}.")
                 self.location[name] = shard_name
@@ -129,11 +133,17 @@ class CheckpointReader:
         return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.location[name]].get_tensor(name)
+        return self._finite(name, self._handles[self.location[name]].get_tensor(name))
 
     def get_rows(self, name: str, rows: int) -> torch.Tensor:
         """The first `rows` rows of a tensor, without reading the rest."""
-        return self._handles[self.location[name]].get_slice(name)[:rows]
+        return self._finite(name, self._handles[self.location[name]].get_slice(name)[:rows])
+
+    def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        (bad,) = count_non_finite([tensor])
+        if bad:
+            raise non_finite_error([(name, bad)], str(self.folder / self.location[name]))
+        return tensor
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -201,7 +211,8 @@ def copy_companion_files(source: Path, destination: Path, names: tuple[str, ...]
 @contextlib.contextmanager
 def staged_output(output_dir: str | os.PathLike, input_dir: str | os.PathLike | None = None) -> Iterator[Path]:
     """A staging folder beside `output_dir` that becomes `output_dir` when the block succeeds and is deleted when it
-    fails. Refuses an output that is the input, lies inside it or contains it, or is a non-empty folder."""
+    fails, with the parent folders it had to create. Refuses an output that is the input, lies inside it or contains
+    it, or is a non-empty folder."""
     output = Path(output_dir).resolve()
     if input_dir is not None:
         source = Path(input_dir).resolve()
@@ -209,6 +220,7 @@ def staged_output(output_dir: str | os.PathLike, input_dir: str | os.PathLike | 
             raise CheckpointError(f"The output folder {output} overlaps the input {source}: refusing to write there.")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"The output {output} already exists and is not an empty folder: refusing to overwrite it.")
+    created = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]  # deepest first
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
@@ -216,6 +228,11 @@ def staged_output(output_dir: str | os.PathLike, input_dir: str | os.PathLike | 
         if output.exists():
             output.rmdir()  # empty, checked above
         staging.rename(output)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
+        if isinstance(error, CheckpointError) and str(staging) in str(error):  # name the output, not a deleted folder
+            raise type(error)(str(error).replace(str(staging), f"{output} (not written)")) from None
         raise

@@ -19,7 +19,13 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration_zaya import _DEFAULT_ROPE_PARAMETERS, ZayaConfig
 from ..modeling_zaya import ZayaForCausalLM, _preview
-from .errors import CheckpointError, MissingTensorsError, UnexpectedTensorsError, UnknownLayoutError, WrongShapeError
+from .errors import (
+    InvalidConfigError,
+    MismatchedWeightsError,
+    MissingWeightsError,
+    UnexpectedWeightsError,
+    UnknownLayoutError,
+)
 from .files import CONFIG_FILE, CheckpointReader, read_json
 
 Layout = Literal["current", "legacy"]
@@ -133,15 +139,15 @@ def check_tensors(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[
     """Raise unless `shapes` holds exactly the `expected` tensors, each with its expected shape."""
     missing = sorted(set(expected) - set(shapes))
     if missing:
-        raise MissingTensorsError(f"{where} lacks {len(missing)} tensor(s) the configuration requires: {_preview(missing)}.")
+        raise MissingWeightsError(f"{where} lacks {len(missing)} tensor(s) the configuration requires: {_preview(missing)}.")
     unexpected = sorted(set(shapes) - set(expected))
     if unexpected:
-        raise UnexpectedTensorsError(
+        raise UnexpectedWeightsError(
             f"{where} holds {len(unexpected)} tensor(s) this layout has no place for: {_preview(unexpected)}."
         )
     wrong = [f"{name} (found {shapes[name]}, expected {shape})" for name, shape in expected.items() if shapes[name] != shape]
     if wrong:
-        raise WrongShapeError(
+        raise MismatchedWeightsError(
             f"{where} has {len(wrong)} tensor(s) of the wrong shape: {_preview(wrong)}. Check that config.json fits the weights."
         )
 
@@ -283,11 +289,11 @@ def read_config(folder: Path, layout: Layout) -> ZayaConfig:
     config = read_json(folder / CONFIG_FILE)
     try:
         return legacy_config_to_current(config) if layout == "legacy" else ZayaConfig.from_dict(config)
+    except UnknownLayoutError:
+        raise
     except (StrictDataclassError, ValueError, TypeError) as error:
-        if isinstance(error, UnknownLayoutError):
-            raise
         reason = " ".join(str(error).split())  # validation errors span several indented lines
-        raise CheckpointError(f"{folder / CONFIG_FILE} is not a valid ZAYA configuration: {reason}") from None
+        raise InvalidConfigError(f"{folder / CONFIG_FILE} is not a valid ZAYA configuration: {reason}") from None
 
 
 def names_layout(names: list[str], where: Path) -> Layout:

@@ -1,5 +1,6 @@
-"""Verification of a checkpoint folder: the tensors its config requires, each once and of the right shape, and a forward
-pass through the first layer on a slice of the vocabulary (cheap at any model size)."""
+"""Verification of a checkpoint folder: the tensors its config requires, each once, of the right shape and a floating
+dtype; no NaN/inf in any of them (a read of the whole checkpoint, one tensor at a time); and a forward pass through the
+first layer on a slice of the vocabulary (cheap at any model size)."""
 
 import sys
 from collections.abc import Callable
@@ -49,12 +50,13 @@ class CheckpointReport:
 
 
 def run_command(work: Callable[[], CheckpointReport]) -> int:
-    """A command line's exit status: print the report of `work` (0), or the checkpoint error it raised (1)."""
+    """A command line's exit status: print the report of `work` (0), or, as one line, the checkpoint error it raised
+    (2, the status of every refused input of the `zaya-hf` commands)."""
     try:
         report = work()
-    except (CheckpointError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (CheckpointError, FileExistsError, FileNotFoundError) as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)  # "zaya-hf convert: error: ...", as argparse
+        return 2
     print(report)
     return 0
 
@@ -90,15 +92,19 @@ def check_forward_on_slice(reader: CheckpointReader, layout: Layout, config: Zay
     return logits
 
 
-def verify_checkpoint(folder: str | Path, *, forward: bool = True) -> CheckpointReport:
+def verify_checkpoint(folder: str | Path, *, forward: bool = True, values: bool = True) -> CheckpointReport:
     """Check a current- or legacy-layout folder: readable shards consistent with their index, exactly the tensors the
-    config requires with their shapes, and (`forward=True`) a forward pass through the first layer."""
+    config requires with their shapes and floating dtypes, (`values=True`) no NaN/inf in any tensor, and
+    (`forward=True`) a forward pass through the first layer. Without `values` only headers and layer 0 are read."""
     folder = Path(folder)
     with CheckpointReader(folder) as reader:
         layout = detect_layout(folder, reader.names)
         config = read_config(folder, layout)
         shapes = {name: reader.shape(name) for name in reader.names}
         check_tensors(shapes, expected_tensor_shapes(config, layout), folder)
+        if values:
+            for name in reader.names:
+                reader.get(name)  # reading checks for NaN/inf
         if forward:
             check_forward_on_slice(reader, layout, config)
         return CheckpointReport(

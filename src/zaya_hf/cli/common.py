@@ -27,8 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
         parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
-def resolve_model(name: str | None) -> str:
-    """`from_pretrained` source for `--model`: the embedded model, an existing model folder, or a Hub id."""
+def resolve_model(name: str | None, flag: str = "--model") -> str:
+    """`from_pretrained` source for `flag`: the embedded model, an existing model folder, or a Hub id."""
     if name is None:
         from ..default_model import default_model_path
 
@@ -36,12 +36,12 @@ def resolve_model(name: str | None) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CommandError(f"--model {name}: the folder has no config.json, so it is not a model folder.")
+            raise CommandError(f"{flag} {name}: the folder has no config.json, so it is not a model folder.")
         return str(path)
     if path.exists():
-        raise CommandError(f"--model {name}: is a file; give a model folder or a Hub id.")
+        raise CommandError(f"{flag} {name}: is a file; give a model folder or a Hub id.")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
-        raise CommandError(f"--model {name}: no such folder, and not a Hub id (owner/name).")
+        raise CommandError(f"{flag} {name}: no such folder, and not a Hub id (owner/name).")
     return name
 
 
@@ -62,10 +62,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def load_tokenizer(name: str | None):
+def load_tokenizer(name: str | None, flag: str = "--model"):
     from transformers import AutoTokenizer
 
-    source = resolve_model(name)
+    source = resolve_model(name, flag)
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:

@@ -1,4 +1,5 @@
-"""`zaya-hf demo`: single rollout against Markovian RSA on held-out problems, with tokens, time and a plot."""
+"""`zaya-hf demo`: single rollout against Markovian RSA on held-out problems, with tokens, time and a plot: the
+evaluation harness of `zaya-hf eval` (method "rsa") on the embedded model's held-out set."""
 
 import argparse
 import json
@@ -23,6 +24,8 @@ def add_demo_parser(subparsers) -> None:
     parser.add_argument("--plot", default="zaya_demo.png", help="PNG to write (default zaya_demo.png)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
     parser.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
+    parser.add_argument("--export-problems", metavar="PATH", default=None,
+                        help="write the held-out problems as a zaya-hf eval problem file (JSONL) and exit")
     add_rsa_arguments(parser)
     parser.set_defaults(run=run_demo)
 
@@ -32,16 +35,21 @@ def run_demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..tiny_reasoner import DEMO_PROBLEMS, DEMO_RSA_SETTINGS
-    from ..tiny_reasoner.evaluation import compare_single_and_rsa
-    from ..tiny_reasoner.task import chance_accuracy, held_out_problems
+    from ..tiny_reasoner.evaluation import compare_single_and_rsa, export_problem_set, held_out_problem_set
+    from ..tiny_reasoner.task import chance_accuracy
 
+    count = args.problems or DEMO_PROBLEMS
+    if args.export_problems:
+        export_problem_set(args.export_problems, count, seed=args.problem_seed)
+        print(f"{count} held-out problems written to {args.export_problems}")
+        return 0
     config = rsa_config(args, DEMO_RSA_SETTINGS)
     if config.rounds == 0:
         raise CommandError("--rounds 0 is a single-rollout run: the demo compares against at least one RSA round.")
     plot_path = None if args.no_plot else Path(args.plot)
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         raise CommandError(f"--plot {args.plot}: the plot is a PNG; give a path ending in .png.")
-    problems = held_out_problems(args.problems or DEMO_PROBLEMS, seed=args.problem_seed)
+    problems = held_out_problem_set(count, seed=args.problem_seed)
     model, tokenizer = load_model(args)
     print(f"{len(problems)} held-out problems such as {problems[0].question!r} (answer {problems[0].answer}); "
           f"chance {chance_accuracy():.1%}")
@@ -65,38 +73,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(c.as_dict()))
     if plot_path is not None:
-        written = write_plot(c, plot_path, rsa_label)
+        from ..serving.evaluation import plot_accuracy_against_tokens
+
+        written = plot_accuracy_against_tokens(comparison.summary, plot_path, rsa_label,
+                                               f"{c.num_problems} held-out problems")
         print(f"plot written to {plot_path}" if written else "plot skipped: matplotlib is not installed "
               "(pip install 'zaya-hf[demo]')")
     return 0
-
-
-def write_plot(comparison, path: Path, rsa_label: str) -> bool:
-    """Accuracy against decode tokens per problem: the single-rollout point and the RSA curve over rounds."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    tokens = [p.tokens_per_problem for p in comparison.rounds]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(tokens, [p.majority_accuracy for p in comparison.rounds], "o-", label=f"{rsa_label}, majority vote")
-    ax.plot(tokens, [p.mean_accuracy for p in comparison.rounds], "s--", label="Markovian RSA, population mean")
-    ax.plot([comparison.single_tokens], [comparison.single_accuracy], "*", markersize=14, label="single rollout")
-    for point, x in zip(comparison.rounds, tokens):
-        ax.annotate(f"round {point.round}", (x, point.majority_accuracy), textcoords="offset points", xytext=(4, 6),
-                    fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("decode tokens spent per problem")
-    ax.set_ylabel("accuracy on held-out problems")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"{comparison.num_problems} held-out problems")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True

@@ -63,15 +63,18 @@ def reply(model, tokenizer, prompt_ids: list[int], args, num_return_sequences: i
     sampling = sampling_from(args)
     input_ids = torch.tensor([prompt_ids], device=model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=args.max_new_tokens,
-        num_return_sequences=num_return_sequences,
-        streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        **LocalGenerationEngine.generation_kwargs(sampling),
-    )
+    try:
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=args.max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **LocalGenerationEngine.generation_kwargs(sampling),
+        )
+    except ValueError as error:  # inputs the model refuses, e.g. a prompt past max_position_embeddings
+        raise CommandError(str(error)) from None
     return [tokenizer.decode(row, skip_special_tokens=True) for row in output[:, input_ids.shape[1]:]]
 
 
@@ -81,6 +84,8 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args)
     messages = None if args.raw else [{"role": "user", "content": prompt}]
     prompt_ids = encode_prompt(tokenizer, messages, prompt if args.raw else None)
+    if not prompt_ids:
+        raise CommandError("the prompt is empty, and --raw adds nothing to it: give some text to complete.")
     stream = args.num_return_sequences == 1 and sys.stdout.isatty()
     texts = reply(model, tokenizer, prompt_ids, args, args.num_return_sequences, stream=stream)
     if not stream:

@@ -3,6 +3,8 @@
     zaya-hf demo                      single rollout vs Markovian RSA on held-out problems (offline)
     zaya-hf generate "Compute 3+4."   complete a prompt        zaya-hf chat      talk in the terminal
     zaya-hf rsa QUESTION              Markovian RSA, local or --endpoint URL
+    zaya-hf serve-rsa                 an OpenAI-compatible Markovian RSA server (--upstream URL or --model)
+    zaya-hf eval PROBLEMS.jsonl       accuracy of single rollouts or Markovian RSA on a problem set
     zaya-hf info | bench              config and sizes | speed against transformers' ZAYA
     zaya-hf convert | export          legacy -> current layout | a Hub folder with remote code
     zaya-hf quantize SRC OUT --bits 4 an int8 / int4 copy of a checkpoint
@@ -24,10 +26,12 @@ FORWARDED = {
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
+    from .eval import add_eval_parser
     from .generation import add_chat_parser, add_generate_parser
     from .info import add_bench_parser, add_info_parser
     from .quantize import add_quantize_parser
     from .rsa import add_rsa_parser
+    from .serve import add_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="zaya-hf", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -41,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_chat_parser(subparsers)
     add_rsa_parser(subparsers)
+    add_serve_parser(subparsers)
+    add_eval_parser(subparsers)
     add_info_parser(subparsers)
     add_bench_parser(subparsers)
     add_quantize_parser(subparsers)

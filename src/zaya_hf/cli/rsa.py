@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from .common import CommandError, add_model_arguments, load_model, load_tokenizer, non_negative_int, positive_int, sampling_from
-
+from .common import CommandError, add_model_arguments, load_model, non_negative_int, positive_int, sampling_from
+from .endpoint import add_endpoint_arguments, endpoint_engine
 
 
 def add_rsa_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,30 @@ def rsa_config(args: argparse.Namespace, defaults: dict, **extra):
         raise CommandError(str(error)) from None
 
 
+def rollout_engine(args: argparse.Namespace):
+    """(engine, tokenizer): an `OpenAICompletionsEngine` for `--endpoint`, else `LocalGenerationEngine` on `--model`."""
+    from ..generation_zaya import LocalGenerationEngine
+
+    if args.endpoint:
+        return endpoint_engine(args)
+    if args.tokenizer or args.served_model:
+        option = "--tokenizer" if args.tokenizer else "--served-model"
+        raise CommandError(f"{option} goes with --endpoint; a local --model brings its own tokenizer and name.")
+    model, tokenizer = load_model(args)
+    return LocalGenerationEngine(model, tokenizer), tokenizer
+
+
+def _endpoint_errors() -> tuple:
+    try:
+        from ..serving import EndpointError
+    except ImportError:  # no httpx: no endpoint either
+        return ()
+    return (EndpointError,)
+
+
+EndpointErrors = _endpoint_errors()
+
+
 def add_rsa_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "rsa", help="Markovian RSA on one question (local model or --endpoint URL)",
@@ -41,10 +65,7 @@ def add_rsa_parser(subparsers) -> None:
     )
     parser.add_argument("question", help="the problem ('-' reads it from standard input)")
     add_model_arguments(parser)
-    parser.add_argument("--endpoint", help="base URL of an OpenAI-compatible server (vLLM, SGLang) to run rollouts on")
-    parser.add_argument("--served-model", help="model name on the server (default: the first it serves)")
-    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id for --endpoint (default: --model's)")
-    parser.add_argument("--max-concurrency", type=positive_int, default=16, help="requests in flight (--endpoint)")
+    add_endpoint_arguments(parser)
     parser.add_argument("--reference", help="the correct answer: also prints mean accuracy, majority and pass@N")
     parser.add_argument("--final-tokens", type=positive_int, default=None, help="the last round's budget (default β)")
     parser.add_argument("--final-population", type=positive_int, default=None, help="the last round's size (default N)")
@@ -60,7 +81,7 @@ def add_rsa_parser(subparsers) -> None:
 def run_rsa(args: argparse.Namespace) -> int:
     import sys
 
-    from ..generation_zaya import LocalGenerationEngine, MarkovianRSAConfig, run_markovian_rsa
+    from ..generation_zaya import MarkovianRSAConfig, run_markovian_rsa
     from ..tiny_reasoner import DEMO_RSA_SETTINGS
 
     question = sys.stdin.read().strip() if args.question == "-" else args.question
@@ -73,21 +94,18 @@ def run_rsa(args: argparse.Namespace) -> int:
         final_population=args.final_population, selection=args.selection, tail_unit=args.tail_unit,
         answer_tail=args.answer_tail,
     )
-    if args.endpoint:
-        from ..serving import EndpointError, OpenAICompletionsEngine
-
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-        try:
-            engine = OpenAICompletionsEngine(args.endpoint, model=args.served_model, max_concurrency=args.max_concurrency)
-        except (ValueError, EndpointError) as error:
-            raise CommandError(f"--endpoint {args.endpoint}: {error}") from None
-    else:
-        if args.tokenizer:
-            raise CommandError("--tokenizer goes with --endpoint; a local --model brings its own tokenizer.")
-        model, tokenizer = load_model(args)
-        engine = LocalGenerationEngine(model, tokenizer)
-    with torch.no_grad():
-        result = run_markovian_rsa(engine, question, tokenizer, config, progress=not args.no_progress)
+    engine, tokenizer = rollout_engine(args)
+    # A server failing mid-run, or inputs the local model refuses (e.g. rollouts past max_position_embeddings).
+    expected = EndpointErrors if args.endpoint else (ValueError,)
+    try:
+        with torch.no_grad():
+            result = run_markovian_rsa(engine, question, tokenizer, config, progress=not args.no_progress)
+    except expected as error:
+        where = f"--endpoint {args.endpoint}" if args.endpoint else "the model"
+        raise CommandError(f"{where}: {error}") from None
+    finally:
+        if args.endpoint:
+            engine.close()
 
     summary = {
         "answer": result.answer,

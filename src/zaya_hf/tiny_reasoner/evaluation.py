@@ -1,4 +1,5 @@
-"""Measuring the model on held-out problems: one rollout against Markovian RSA, with the tokens each spends.
+"""Measuring the model on held-out problems: one rollout against Markovian RSA, with the tokens each spends, through
+the evaluation harness of `zaya-hf eval` (`zaya_hf.serving.evaluation`); and the held-out set as a problem file.
 
 Single-rollout accuracy is estimated from round 0 of Markovian RSA itself (N independent rollouts per problem,
 same sampling): its mean correctness is the expected accuracy of one rollout, and the tokens of one rollout are
@@ -7,9 +8,10 @@ the mean correctness of that population is reported too.
 """
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..generation_zaya import (
     LocalGenerationEngine,
@@ -17,12 +19,23 @@ from ..generation_zaya import (
     answers_match,
     encode_chat,
     extract_boxed_answer,
-    majority_vote,
-    mean_accuracy,
     question_messages,
-    run_markovian_rsa,
 )
-from .task import ArithmeticProblem
+from ..serving.evaluation import Problem, evaluate, summarize, write_problems
+from .task import ArithmeticProblem, held_out_problems
+
+
+def held_out_problem_set(count: int, seed: int = 1234) -> list[Problem]:
+    """The held-out problems of the demo as harness problems (id `held-out-SEED-i`, reference answer)."""
+    return [Problem(f"held-out-{seed}-{i}", p.question, str(p.answer))
+            for i, p in enumerate(held_out_problems(count, seed=seed))]
+
+
+def export_problem_set(path: str | os.PathLike, count: int, seed: int = 1234) -> list[Problem]:
+    """Write the held-out problems as a `zaya-hf eval` problem file (JSONL)."""
+    problems = held_out_problem_set(count, seed)
+    write_problems(path, problems)
+    return problems
 
 
 def evaluate_greedy(model, tokenizer, problems: Sequence[ArithmeticProblem], max_new_tokens: int = 128) -> float:
@@ -58,67 +71,41 @@ class Comparison:
     seconds: float  # the whole Markovian RSA run
     single_seconds: float  # round 0's time divided by N: one rollout's share of the batched round
     rounds: list[RoundPoint] = field(default_factory=list)
+    summary: dict = field(default_factory=dict, repr=False)  # the harness's summary (intervals, pass@N), for plots
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class _TimedEngine:
-    """Wraps a rollout engine and adds up the seconds spent in each round (one `generate` call per round)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.round_seconds: list[float] = []
-
-    def generate(self, prompts, **kwargs):
-        start = time.perf_counter()
-        batch = self.engine.generate(prompts, **kwargs)
-        self.round_seconds.append(time.perf_counter() - start)
-        return batch
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "summary"}
 
 
 def compare_single_and_rsa(
     model,
     tokenizer,
-    problems: Sequence[ArithmeticProblem],
+    problems: Sequence[Problem],
     config: MarkovianRSAConfig,
     on_problem: Callable[[int], None] | None = None,
 ) -> Comparison:
-    """Run Markovian RSA with `config` on every problem and read both methods off the run (see module doc)."""
-    engine = _TimedEngine(LocalGenerationEngine(model, tokenizer))
+    """Run Markovian RSA with `config` on every problem (the harness, method "rsa") and read both methods off the
+    run (see module doc)."""
     start = time.perf_counter()
-    per_round: list[list[tuple[int, float, bool]]] = [[] for _ in range(config.rounds + 1)]
-    single_tokens = single_seconds = 0.0
-    for index, problem in enumerate(problems):
-        seeded = config if config.seed is None else replace(config, seed=config.seed + 1000 * index)
-        result = run_markovian_rsa(engine, problem.question, tokenizer, seeded, progress=False)
-        reference = str(problem.answer)
-        for record in result.rounds:
-            answers = [extract_boxed_answer(text) for text in record.completions]
-            correct = answers_match(majority_vote(answers), reference)
-            per_round[record.index].append((record.generated_tokens, mean_accuracy(answers, reference), correct))
-        single_tokens += result.rounds[0].generated_tokens / len(result.rounds[0].completions)
-        single_seconds += engine.round_seconds[-len(result.rounds)] / len(result.rounds[0].completions)
-        if on_problem is not None:
-            on_problem(index + 1)
+    records, _ = evaluate(LocalGenerationEngine(model, tokenizer), tokenizer, problems, config,
+                          on_problem=None if on_problem is None else lambda _: on_problem(1))
     seconds = time.perf_counter() - start
-
-    count = len(problems)
-    points, spent = [], 0.0
-    for t, rows in enumerate(per_round):
-        spent += sum(r[0] for r in rows) / count
-        points.append(RoundPoint(t, spent, sum(r[1] for r in rows) / count, sum(r[2] for r in rows) / count))
+    summary = summarize(records)
+    points = [RoundPoint(r["round"], r["tokens_per_problem"], r["mean_accuracy"], r["majority_accuracy"])
+              for r in summary["rounds"]]
     return Comparison(
-        num_problems=count,
-        single_accuracy=points[0].mean_accuracy,
-        single_tokens=single_tokens / count,
+        num_problems=summary["problems"],
+        single_accuracy=summary["single_rollout"]["accuracy"],
+        single_tokens=summary["single_rollout"]["tokens"],
         rsa_accuracy=points[-1].majority_accuracy,
         rsa_mean_accuracy=points[-1].mean_accuracy,
         rsa_tokens=points[-1].tokens_per_problem,
         seconds=seconds,
-        single_seconds=single_seconds,
+        single_seconds=summary["single_rollout"]["seconds"],
         rounds=points,
+        summary=summary,
     )
 
 
-__all__ = ["Comparison", "RoundPoint", "compare_single_and_rsa", "evaluate_greedy"]
+__all__ = ["Comparison", "RoundPoint", "compare_single_and_rsa", "evaluate_greedy", "export_problem_set",
+           "held_out_problem_set"]

@@ -1,4 +1,4 @@
-"""Training ZAYA with Trainer, PEFT and accelerate: PID bias balancing of the routers and LoRA presets."""
+"""Training ZAYA with Trainer, PEFT, TRL and accelerate: bias balancing of the routers and LoRA presets."""
 
 from .balancing import (
     BiasBalancer,
