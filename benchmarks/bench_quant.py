@@ -17,6 +17,7 @@ the decode steps, median of `--repeats`, the models alternating), eager and with
 import argparse
 import json
 import os
+import sys
 import tempfile
 
 import torch
@@ -27,6 +28,7 @@ from zaya_hf.bench import build_bench_small
 from zaya_hf.bench.decode import generate_fn, median_times
 from zaya_hf.quantization import ZayaQuantizationConfig
 
+COMMAND = " ".join(["python", *sys.argv])
 FORMATS = {"int8": dict(bits=8, group_size=None), "int4": dict(bits=4, group_size=64)}
 # Four decoder layers of ZAYA1-8B (hidden 2048, 16 experts of intermediate 2048, 8 / 2 heads of 128); a 32k vocab
 # so that the layers, not the LM head, dominate a step.
@@ -60,13 +62,15 @@ def build_stack(seed: int = 0) -> ZayaForCausalLM:
 
 
 @torch.no_grad()
-def expert_usage(model: ZayaForCausalLM, input_ids: torch.Tensor) -> dict:
-    """Share of the tokens each router class (E experts + skip) gets over all layers: min / max over the experts."""
-    logits = model(input_ids, output_router_logits=True).router_logits
+def expert_usage(model: ZayaForCausalLM, inputs: list[torch.Tensor]) -> dict:
+    """Share of the tokens each router class (E experts + skip) gets over all layers and `inputs`: min / max over
+    the experts."""
     counts = torch.zeros(model.config.num_experts + 1)
-    for layer, layer_logits in zip(model.model.layers, logits):
-        choice = (layer_logits.float().softmax(-1) + layer.mlp.gate.balancing_biases).argmax(-1)
-        counts += torch.bincount(choice, minlength=counts.numel()).float()
+    for input_ids in inputs:
+        logits = model(input_ids, output_router_logits=True).router_logits
+        for layer, layer_logits in zip(model.model.layers, logits):
+            choice = (layer_logits.float().softmax(-1) + layer.mlp.gate.balancing_biases).argmax(-1)
+            counts += torch.bincount(choice, minlength=counts.numel()).float()
     shares = counts / counts.sum()
     return {"expert_share_min": round(shares[:-1].min().item(), 4), "expert_share_max": round(shares[:-1].max().item(), 4),
             "skip_share": round(shares[-1].item(), 4), "uniform_share": round(1 / model.config.num_experts, 4)}
@@ -108,18 +112,24 @@ def accuracy(models: dict[str, ZayaForCausalLM], prompts: list[torch.Tensor], ne
 
 
 def run_accuracy(args) -> None:
-    with tempfile.TemporaryDirectory() as folder:
+    if "embedded" in args.models:
         embedded = load_all(default_model_path())
         prompts, description = embedded_prompts(args.prompts)
-        print(json.dumps({"model": "embedded", "prompts": len(prompts), "prompt_source": description,
-                          "new_tokens": args.new_tokens, **accuracy(embedded, prompts, args.new_tokens)}), flush=True)
-        build_bench_small(args.seed).to(torch.bfloat16).save_pretrained(folder)
-        small = load_all(folder)
+        print(json.dumps({"command": COMMAND, "model": "embedded", "prompts": len(prompts),
+                          "prompt_source": description, "new_tokens": args.new_tokens,
+                          **expert_usage(embedded["bf16"], prompts),
+                          **accuracy(embedded, prompts, args.new_tokens)}), flush=True)
+        del embedded
+    if "bench-small" in args.models:
+        with tempfile.TemporaryDirectory() as folder:
+            build_bench_small(args.seed).to(torch.bfloat16).save_pretrained(folder)
+            small = load_all(folder)
         generator = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(1, small["bf16"].config.vocab_size, (1, 16), generator=generator)
                    for _ in range(args.prompts)]
-        print(json.dumps({"model": "bench-small", "prompts": len(prompts), "prompt_source": "random tokens (16)",
-                          "new_tokens": args.new_tokens, **expert_usage(small["bf16"], torch.cat(prompts)),
+        print(json.dumps({"command": COMMAND, "model": "bench-small", "prompts": len(prompts),
+                          "prompt_source": "random tokens (16)", "new_tokens": args.new_tokens,
+                          **expert_usage(small["bf16"], prompts),
                           **accuracy(small, prompts, args.new_tokens)}), flush=True)
 
 
@@ -132,10 +142,10 @@ def run_speed(args) -> None:
         models = load_all(folder)
     vocab = models["bf16"].config.vocab_size
     compile_kwargs = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=True, dynamic=False)}
-    result = {"model": args.model, "torch_threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
+    result = {"command": COMMAND, "model": args.model, "torch_threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "load_average_1min_at_start": os.getloadavg()[0]}
     probe = torch.randint(1, vocab, (16, args.prompt_tokens), generator=torch.Generator().manual_seed(args.seed))
-    result.update(expert_usage(models["bf16"], probe))
+    result.update(expert_usage(models["bf16"], [probe]))
     for batch in args.batch_sizes:
         prompt = probe[:batch]
         variants = {name: (model, {}) for name, model in models.items()}
@@ -170,6 +180,8 @@ def main() -> None:
     accuracy_parser = commands.add_parser("accuracy")
     accuracy_parser.add_argument("--prompts", type=int, default=64)
     accuracy_parser.add_argument("--new-tokens", type=int, default=32)
+    accuracy_parser.add_argument("--models", nargs="+", choices=["embedded", "bench-small"],
+                                 default=["embedded", "bench-small"])
     speed = commands.add_parser("speed")
     speed.add_argument("--model", choices=["bench-small", "stack"], default="bench-small")
     speed.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])

@@ -10,6 +10,7 @@ one tensor at a time), runs one decode step, and reports its resident set after 
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,6 +109,7 @@ def main() -> None:
         print(json.dumps(measure(args.checkpoint, args.measure)))
         return
     checkpoint = Path(args.checkpoint)
+    command = " ".join(["python", *sys.argv])
     if not checkpoint.exists():
         start = time.perf_counter()
         write_random_checkpoint(checkpoint)
@@ -116,9 +118,10 @@ def main() -> None:
         child = subprocess.run([sys.executable, __file__, "--checkpoint", str(checkpoint), "--measure", format_name],
                                capture_output=True, text=True)
         if child.returncode:
-            print(json.dumps({"format": format_name, "error": child.stderr[-2000:]}), flush=True)
+            print(json.dumps({"command": command, "format": format_name, "error": child.stderr[-2000:]}), flush=True)
         else:
-            print(child.stdout.strip().splitlines()[-1], flush=True)
+            record = json.loads(child.stdout.strip().splitlines()[-1])
+            print(json.dumps({"command": command, **record, "load_average_1min": os.getloadavg()[0]}), flush=True)
 
 
 if __name__ == "__main__":

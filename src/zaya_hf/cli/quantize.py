@@ -26,7 +26,7 @@ def add_quantize_parser(subparsers) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from ..quantization import QuantizationFormatError, ZayaQuantizationConfig
+    from ..quantization import ZayaQuantizationConfig
     from ..quantization.convert import quantize_checkpoint
 
     group_size = args.group_size if args.group_size is not None or args.bits == 8 else 64
@@ -34,7 +34,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         qconfig = ZayaQuantizationConfig(bits=args.bits, group_size=group_size,
                                          quantize_embedding=args.quantize_embedding, modules_to_not_convert=args.keep)
         summary = quantize_checkpoint(args.source, args.output, qconfig)
-    except (ValueError, QuantizationFormatError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError) as error:  # QuantizationFormatError is a ValueError
         raise CommandError(str(error)) from None
     summary = {"output": args.output, "format": qconfig.describe(), **summary}
     if args.json:

@@ -81,13 +81,16 @@ class ZayaQuantizationConfig(QuantizationConfigMixin):
         }
 
 
+# The CLI's `--quantize` values: name -> (bits, group_size).
+QUANTIZE_PRESETS = {"int8": (8, None), "int4": (4, 64), **{f"int4-g{g}": (4, g) for g in SUPPORTED_GROUP_SIZES}}
+
+
 def parse_quantize(text: str) -> ZayaQuantizationConfig:
     """`"int8"`, `"int4"` (group 64) or `"int4-g32"` / `"int4-g128"` as a config (the CLI's `--quantize`)."""
-    presets = {"int8": (8, None), "int4": (4, 64), **{f"int4-g{g}": (4, g) for g in SUPPORTED_GROUP_SIZES}}
-    if text not in presets:
-        raise ValueError(f"unknown quantization {text!r}: choose one of {list(presets)}.")
-    bits, group_size = presets[text]
+    if text not in QUANTIZE_PRESETS:
+        raise ValueError(f"unknown quantization {text!r}: choose one of {list(QUANTIZE_PRESETS)}.")
+    bits, group_size = QUANTIZE_PRESETS[text]
     return ZayaQuantizationConfig(bits=bits, group_size=group_size)
 
 
-__all__ = ["DEFAULT_MODULES_TO_NOT_CONVERT", "QUANT_METHOD", "ZayaQuantizationConfig", "parse_quantize"]
+__all__ = ["DEFAULT_MODULES_TO_NOT_CONVERT", "QUANTIZE_PRESETS", "QUANT_METHOD", "ZayaQuantizationConfig", "parse_quantize"]

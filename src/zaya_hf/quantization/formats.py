@@ -18,14 +18,17 @@ from functools import cache
 
 import torch
 
+from ..configuration_zaya import CheckpointError
+
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 QMAX = {4: 7, 8: 127}  # symmetric: q in [-qmax, qmax], scale = absmax / qmax
 QUANTIZE_ROWS_PER_CHUNK = 4096  # rows quantized at a time: the fp32 temporaries stay small on 8B-sized matrices
 
 
-class QuantizationFormatError(ValueError):
-    """A weight that the requested format cannot hold, or quantized tensors that disagree with their config."""
+class QuantizationFormatError(CheckpointError):
+    """A weight that the requested format cannot hold, or quantized tensors that disagree with their config (a
+    `CheckpointError`, so callers that handle refused checkpoints handle these too)."""
 
 
 @dataclass(frozen=True)
