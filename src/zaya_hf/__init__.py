@@ -22,6 +22,7 @@ from .modeling_zaya import (
     ZayaPreTrainedModel,
 )
 from .ops import install_cpu_forwards  # registers the package's fast paths with ZayaPreTrainedModel
+from .quantization import ZayaQuantizationConfig  # registers quant_method "zaya_hf" with transformers
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "ZayaForCausalLM",
     "ZayaModel",
     "ZayaPreTrainedModel",
+    "ZayaQuantizationConfig",
     "default_model_path",
     "export_for_hub",
     "predict_cache_nbytes",

@@ -73,7 +73,7 @@ def load_tokenizer(name: str | None, flag: str = "--model"):
 
 
 def load_model(args: argparse.Namespace):
-    """(model in eval mode, tokenizer) for `--model`, `--dtype`, `--device`."""
+    """(model in eval mode, tokenizer) for `--model`, `--dtype`, `--device` (and `--quantize`, where given)."""
     from transformers import AutoModelForCausalLM
 
     import zaya_hf  # noqa: F401  (registers the zaya classes with the Auto classes)
@@ -82,8 +82,13 @@ def load_model(args: argparse.Namespace):
     dtype = pick_dtype(args.dtype, device)
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(args.model)
+    quantization = {}
+    if getattr(args, "quantize", None):  # the commands with --quantize
+        from ..quantization import parse_quantize
+
+        quantization["quantization_config"] = parse_quantize(args.quantize)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
     except (OSError, ValueError) as error:
         raise CommandError(f"could not load the model {args.model or source!r}: {error}") from None
     return model.to(device).eval(), tokenizer

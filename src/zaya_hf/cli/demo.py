@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..quantization.config import QUANTIZE_PRESETS
 from .common import CommandError, add_model_arguments, load_model, positive_int
 from .rsa import add_rsa_arguments, rsa_config
 
@@ -17,6 +18,8 @@ def add_demo_parser(subparsers) -> None:
         "plot accuracy against tokens spent (needs matplotlib: pip install 'zaya-hf[demo]').",
     )
     add_model_arguments(parser)
+    parser.add_argument("--quantize", choices=list(QUANTIZE_PRESETS), default=None,
+                        help="quantize the model's weights as it loads (int4: group 64)")
     parser.add_argument("--problems", type=positive_int, default=None, help="held-out problems to solve")
     parser.add_argument("--problem-seed", type=int, default=1234, help="which held-out problems (default 1234)")
     parser.add_argument("--plot", default="zaya_demo.png", help="PNG to write (default zaya_demo.png)")

@@ -69,6 +69,7 @@ def describe(config, seq_len: int, cache_dtype: torch.dtype) -> dict:
         "router_hidden_size": config.router_hidden_size,
         "vocab_size": config.vocab_size,
         "parameters": parameter_counts(config),
+        "weights": weight_bytes(config),
         "cache": {
             "dtype": str(cache_dtype).removeprefix("torch."),
             # Growth per token while every layer still grows (short contexts); sliding layers stop at their window.
@@ -80,6 +81,28 @@ def describe(config, seq_len: int, cache_dtype: torch.dtype) -> dict:
             "bytes_at_seq_len": predict_cache_nbytes(config, 1, seq_len, cache_dtype),
         },
     }
+
+
+def weight_bytes(config) -> dict:
+    """Bytes of the weights in bf16 and quantized (int8; int4 group 64), and as this config's checkpoint holds them
+    when it is quantized (`quantized`)."""
+    from ..quantization import ZayaQuantizationConfig
+    from ..quantization.convert import weight_footprint
+
+    sizes = {
+        "bfloat16": weight_footprint(config, None)["memory_bytes"],
+        "int8": weight_footprint(config, ZayaQuantizationConfig(bits=8, group_size=None))["memory_bytes"],
+        "int4_group64": weight_footprint(config, ZayaQuantizationConfig(bits=4, group_size=64))["memory_bytes"],
+    }
+    stored = getattr(config, "quantization_config", None)
+    if stored:
+        qconfig = ZayaQuantizationConfig(**(stored if isinstance(stored, dict) else stored.to_dict()))
+        sizes["quantized"] = {"format": qconfig.describe(), **weight_footprint(config, qconfig)}
+    return sizes
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.2f} MiB"
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -109,6 +132,13 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"parameters:  {params['total']:,} total ({params['embeddings']:,} embeddings, {params['experts']:,} in experts)")
     print(f"active:      {params['active_per_token']:,} per token "
           f"({params['active_per_token_without_embeddings']:,} without embeddings)")
+    weights = info["weights"]
+    print(f"weights:     {size(weights['bfloat16'])} in bf16; quantized (zaya-hf quantize) int8 "
+          f"{size(weights['int8'])}, int4 group 64 {size(weights['int4_group64'])}")
+    if "quantized" in weights:
+        quantized = weights["quantized"]
+        print(f"quantized:   {quantized['format']}: {size(quantized['memory_bytes'])} of weights in memory "
+              f"({size(quantized['checkpoint_bytes'])} in the checkpoint)")
     print(f"cache ({cache['dtype']}): {cache['bytes_per_token']:,} B per token "
           f"({cache['bytes_per_token_per_layer']:,} B per layer) + {cache['fixed_bytes_per_sequence']:,} B "
           f"fixed per sequence; {cache['bytes_at_seq_len'] / 2**20:,.2f} MiB at {cache['seq_len']:,} tokens")

@@ -7,6 +7,7 @@
     zaya-hf eval PROBLEMS.jsonl       accuracy of single rollouts or Markovian RSA on a problem set
     zaya-hf info | bench              config and sizes | speed against transformers' ZAYA
     zaya-hf convert | export          legacy -> current layout | a Hub folder with remote code
+    zaya-hf quantize SRC OUT --bits 4 an int8 / int4 copy of a checkpoint
 
 Every command that takes `--model` defaults to the embedded model, so all of them work offline.
 """
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import add_eval_parser
     from .generation import add_chat_parser, add_generate_parser
     from .info import add_bench_parser, add_info_parser
+    from .quantize import add_quantize_parser
     from .rsa import add_rsa_parser
     from .serve import add_serve_parser
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_info_parser(subparsers)
     add_bench_parser(subparsers)
+    add_quantize_parser(subparsers)
     for name, (help_text, _) in FORWARDED.items():
         subparsers.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -1,0 +1,292 @@
+# Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
+"""Modules holding quantized weights: `QuantizedLinear`, `QuantizedEmbedding` and `QuantizedExperts`.
+
+Each quantized weight `NAME` is three buffers: `NAME` (the integers), `NAME_scale` and `NAME_shape` (the
+unquantized shape, int64). They are built in the checkpoint layout (`formats`: compressed-tensors' pack-quantized)
+so that a checkpoint loads straight into them, then `to_kernel_layout()` rewrites the integers and scales of the
+Linears and the experts once, in place, into what torch's CPU kernels read; `state_dict()` writes the checkpoint
+layout back (and `load_state_dict` reads it), so every saved file has one layout whatever the machine.
+
+Decode reads the kernel-layout weights directly: a product is one call of `torch._weight_int8pack_mm` /
+`torch._weight_int4pack_mm_for_cpu`, and the top-1 experts run each chosen expert's matrices as a view of the
+stacked ones (no expert is dequantized). Under autograd (QLoRA) the products dequantize their weight instead, so
+gradients reach the inputs; the weights themselves are frozen integers.
+"""
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from . import formats
+from .formats import QuantSpec, quantized_matmul
+
+
+class QuantizedWeights(nn.Module):
+    """Buffers and layout conversions shared by the quantized modules (names in `quantized_names`)."""
+
+    quantized_names: tuple[str, ...] = ("weight",)
+    kernel_layout_names: tuple[str, ...] = ("weight",)  # the ones torch's kernels multiply (not an embedding's)
+
+    def __init__(self, spec: QuantSpec, shapes: dict[str, tuple[int, ...]], scale_dtype: torch.dtype):
+        super().__init__()
+        self.spec = spec
+        self.in_kernel_layout = False
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.empty(spec.packed_shape(shape), dtype=torch.int32))
+            self.register_buffer(f"{name}_scale", torch.empty(spec.scale_shape(shape), dtype=scale_dtype))
+            self.register_buffer(f"{name}_shape", torch.tensor(shape, dtype=torch.int64))
+        self._register_state_dict_hook(_checkpoint_layout_state_dict)
+        self._register_load_state_dict_pre_hook(_checkpoint_layout_load, with_module=True)
+
+    def set_quantized(self, name: str, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Hold integers `q` [..., N, K] and scales [..., N, G] (from `formats.quantize`) as weight `name`."""
+        setattr(self, name, formats.pack_int32(q, self.spec.bits))
+        setattr(self, f"{name}_scale", scale)
+        setattr(self, f"{name}_shape", torch.tensor(q.shape, dtype=torch.int64))
+        if self.in_kernel_layout and name in self.kernel_layout_names:
+            self._convert(name)
+
+    def quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [..., N, K], scale [..., N, G]) of weight `name`, whatever layout it is held in."""
+        if self.in_kernel_layout and name in self.kernel_layout_names:
+            return formats.from_kernel_layout(getattr(self, name), getattr(self, f"{name}_scale"), self.spec)
+        return formats.unpack_int32(getattr(self, name), self.spec.bits), getattr(self, f"{name}_scale")
+
+    def dequantized(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        q, scale = self.quantized(name)
+        return formats.dequantize(q, scale, dtype or scale.dtype)
+
+    def check_loaded(self, prefix: str) -> None:
+        """Raise naming the tensor if the checkpoint's integers, scales or shapes disagree with this format."""
+        for name in self.quantized_names:
+            shape = tuple(getattr(self, f"{name}_shape").tolist())
+            expected = {
+                name: (self.spec.packed_shape(shape), torch.int32),
+                f"{name}_scale": (self.spec.scale_shape(shape), None),
+            }
+            for tensor_name, (tensor_shape, dtype) in expected.items():
+                tensor = getattr(self, tensor_name)
+                if tuple(tensor.shape) != tensor_shape or (dtype is not None and tensor.dtype != dtype):
+                    raise formats.QuantizationFormatError(
+                        f"{prefix}{tensor_name}: the checkpoint holds {tensor.dtype} {tuple(tensor.shape)}, but "
+                        f"{self.spec.bits}-bit {self.spec_name()} weights of shape {shape} are stored as "
+                        f"{dtype or 'floating'} {tensor_shape}: the quantization_config does not match the tensors."
+                    )
+            if not getattr(self, f"{name}_scale").is_floating_point():
+                raise formats.QuantizationFormatError(
+                    f"{prefix}{name}_scale: scales must be floating point, the checkpoint holds "
+                    f"{getattr(self, f'{name}_scale').dtype}."
+                )
+
+    def spec_name(self) -> str:
+        return "per-channel" if self.spec.group_size is None else f"group-{self.spec.group_size}"
+
+    def to_kernel_layout(self) -> None:
+        """Rewrite the multiplied weights, in place, into the layout torch's CPU kernels read (once)."""
+        if self.in_kernel_layout:
+            return
+        self.in_kernel_layout = True
+        for name in self.kernel_layout_names:
+            self._convert(name)
+
+    def _convert(self, name: str) -> None:
+        q = formats.unpack_int32(getattr(self, name), self.spec.bits)
+        packed, scale = formats.to_kernel_layout(q, getattr(self, f"{name}_scale"), self.spec)
+        setattr(self, name, packed)
+        setattr(self, f"{name}_scale", scale)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        devices = {buffer.device.type for buffer in self.buffers() if not buffer.is_meta}
+        if devices - {"cpu"}:
+            raise NotImplementedError(
+                f"{type(self).__name__}: quantized ZAYA weights run on the CPU only (torch's int8 / int4 CPU "
+                f"kernels), not on {sorted(devices - {'cpu'})}."
+            )
+        return self
+
+    def extra_repr(self) -> str:
+        return f"int{self.spec.bits} {self.spec_name()}"
+
+
+def _checkpoint_layout_state_dict(module: QuantizedWeights, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: the kernel-layout weights written in the checkpoint layout."""
+    if not module.in_kernel_layout:
+        return
+    for name in module.kernel_layout_names:
+        q, scale = module.quantized(name)
+        state_dict[prefix + name] = formats.pack_int32(q, module.spec.bits)
+        state_dict[prefix + f"{name}_scale"] = scale
+
+
+def _checkpoint_layout_load(module: QuantizedWeights, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: a checkpoint-layout state dict goes into a kernel-layout module."""
+    if not module.in_kernel_layout:
+        return
+    for name in module.kernel_layout_names:
+        if prefix + name in state_dict and prefix + f"{name}_scale" in state_dict:
+            q = formats.unpack_int32(state_dict[prefix + name], module.spec.bits)
+            packed, scale = formats.to_kernel_layout(q, state_dict[prefix + f"{name}_scale"], module.spec)
+            state_dict[prefix + name], state_dict[prefix + f"{name}_scale"] = packed, scale
+
+
+def kernels_apply(*tensors: torch.Tensor) -> bool:
+    """The integer kernels run the product: autograd records none of the inputs (else the dequantized weight is
+    multiplied, so that gradients reach the inputs)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class QuantizedLinear(QuantizedWeights):
+    """An `nn.Linear` whose weight [out, in] is quantized; the bias stays a floating parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec, dtype: torch.dtype):
+        super().__init__(spec, {"weight": (out_features, in_features)}, dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantizedLinear":
+        """Quantize an existing `nn.Linear` (the tied LM head after loading, PEFT merges)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec, linear.weight.dtype)
+        module.set_quantized("weight", *formats.quantize(linear.weight.detach(), spec, linear.weight.dtype))
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        module.to_kernel_layout()
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.in_kernel_layout or not kernels_apply(x):
+            return F.linear(x, self.dequantized("weight", x.dtype), self.bias)
+        out = formats.kernel_linear(x, self.weight, self.weight_scale, self.spec)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
+
+
+class QuantizedEmbedding(QuantizedWeights):
+    """An `nn.Embedding` whose table [vocab, d] is quantized; lookups unpack only the rows they read, so the
+    table stays in the checkpoint layout (no kernel multiplies it)."""
+
+    kernel_layout_names = ()
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, spec: QuantSpec,
+                 dtype: torch.dtype):
+        super().__init__(spec, {"weight": (num_embeddings, embedding_dim)}, dtype)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = formats.unpack_int32(F.embedding(input_ids, self.weight), self.spec.bits)  # [..., d] int8
+        return formats.dequantize(rows, F.embedding(input_ids, self.weight_scale), self.weight_scale.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {super().extra_repr()}"
+
+
+def top1_experts(
+    hidden_states: torch.Tensor,
+    expert_index: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down: torch.Tensor,
+    down_scale: torch.Tensor,
+    bits: int,
+    group_size: int,
+    activation: str,
+) -> torch.Tensor:
+    """Top-1 SwiGLU experts on kernel-layout weights: `hidden_states` [N, d], `expert_index` [N], `routing_weights`
+    [N, 1] -> [N, d]. Tokens are grouped by expert and each group multiplies its expert's matrices in place (a view
+    of the stacked [E, ...] buffers); `group_size` 0 is per channel."""
+    act_fn = _activation(activation)
+    if hidden_states.shape[0] == 1:
+        expert = int(expert_index[0])
+        gate, up = quantized_matmul(hidden_states, gate_up[expert], gate_up_scale[expert], bits, group_size).chunk(2, -1)
+        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)
+        return (out * routing_weights).to(hidden_states.dtype)
+    output = torch.zeros_like(hidden_states)
+    order = torch.argsort(expert_index, stable=True)
+    experts, counts = torch.unique_consecutive(expert_index[order], return_counts=True)
+    for expert, tokens in zip(experts.tolist(), order.split(counts.tolist())):
+        gate, up = quantized_matmul(hidden_states[tokens], gate_up[expert], gate_up_scale[expert], bits,
+                                 group_size).chunk(2, dim=-1)
+        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)
+        output.index_copy_(0, tokens, (out * routing_weights[tokens]).to(output.dtype))
+    return output
+
+
+@cache
+def _activation(name: str) -> nn.Module:
+    return ACT2FN[name]
+
+
+# Compiled graphs call the experts as one opaque op (its token grouping is data-dependent).
+top1_experts_op = torch.library.custom_op("zaya_hf::quantized_top1_experts", mutates_args=())(top1_experts)
+
+
+@top1_experts_op.register_fake
+def _(hidden_states, expert_index, routing_weights, gate_up, gate_up_scale, down, down_scale, bits, group_size,
+      activation):
+    return torch.empty_like(hidden_states)
+
+
+class QuantizedExperts(QuantizedWeights):
+    """`ZayaExperts` with quantized `gate_up_proj` [E, 2I, d] and `down_proj` [E, d, I]; same forward arguments
+    (`hidden_states` [N, d], `top_k_index` / `top_k_weights` [N, 1], skip-class tokens as expert 0 with weight 0)."""
+
+    quantized_names = ("gate_up_proj", "down_proj")
+    kernel_layout_names = quantized_names
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str, spec: QuantSpec,
+                 dtype: torch.dtype):
+        shapes = {
+            "gate_up_proj": (num_experts, 2 * intermediate_size, hidden_size),
+            "down_proj": (num_experts, hidden_size, intermediate_size),
+        }
+        super().__init__(spec, shapes, dtype)
+        self.num_experts, self.intermediate_size, self.activation = num_experts, intermediate_size, activation
+        self.act_fn = ACT2FN[activation]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.in_kernel_layout and kernels_apply(hidden_states, top_k_weights):
+            experts = top1_experts_op if torch.compiler.is_compiling() else top1_experts
+            return experts(
+                hidden_states.contiguous(), top_k_index[:, 0], top_k_weights, self.gate_up_proj,
+                self.gate_up_proj_scale, self.down_proj, self.down_proj_scale, self.spec.bits,
+                self.spec.group_size or 0, self.activation,
+            )
+        return self.dequantized_forward(hidden_states, top_k_index[:, 0], top_k_weights)
+
+    def dequantized_forward(self, hidden_states: torch.Tensor, expert_index: torch.Tensor,
+                            routing_weights: torch.Tensor) -> torch.Tensor:
+        """Autograd's path: each chosen expert's weights dequantized (only those), gradients to the inputs."""
+        output = torch.zeros_like(hidden_states)
+        for expert in expert_index.unique().tolist():
+            tokens = (expert_index == expert).nonzero().squeeze(-1)
+            gate, up = F.linear(hidden_states[tokens], self.expert_weight("gate_up_proj", expert)).chunk(2, dim=-1)
+            out = F.linear(self.act_fn(gate) * up, self.expert_weight("down_proj", expert))
+            output = output.index_add(0, tokens, (out * routing_weights[tokens]).to(output.dtype))
+        return output
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The gate/up integers, under the name PEFT reads the device of a quantized layer from (GPTQ's)."""
+        return self.gate_up_proj
+
+    def expert_weight(self, name: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s dequantized `name` matrix."""
+        packed, scale = getattr(self, name)[expert], getattr(self, f"{name}_scale")[expert]
+        if self.in_kernel_layout:
+            q, scale = formats.from_kernel_layout(packed, scale, self.spec)
+        else:
+            q = formats.unpack_int32(packed, self.spec.bits)
+        return formats.dequantize(q, scale, scale.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_experts} experts, {super().extra_repr()}"
+
+
+__all__ = ["QuantizedEmbedding", "QuantizedExperts", "QuantizedLinear", "QuantizedWeights", "top1_experts", "top1_experts_op"]
