@@ -7,8 +7,7 @@ back when the module moves to another device); the model's own forwards stay the
 * `CPULinear`: products through `cpu_linear`: large fp32 weights through oneDNN (MKL's fp32 GEMV streams a weight
   from memory at about half oneDNN's rate), and inside a compiled inference graph products of one or two rows as
   multiply-and-sum, which Inductor fuses. Both differ from `F.linear` in summation order only (~1e-6 in fp32).
-  bf16 products of several rows on CPUs whose oneDNN has no bf16 kernels (no AVX512-BF16 / AMX: torch then
-  multiplies bf16 in a generic loop at a few GFLOP/s) as fp32 GEMMs over the weight converted block by block.
+  bf16 products keep torch's own kernels, so bf16 logits stay bit-identical to transformers' ZAYA.
 * `CPUCCAProjection`: a decode step's causal conv as a state update (one output column: the depthwise taps over the
   W + 1 window, then one product per head group) instead of two `conv1d` calls over the window, about 3x faster;
   without native bf16 kernels, a bf16 prefill's two convs in fp32, rounded as the bf16 ones round.
@@ -172,14 +171,18 @@ def fp32_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return out.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
-def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def cpu_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, bf16_through_fp32: bool = False
+) -> torch.Tensor:
     """`F.linear` (`x` [..., k], `weight` [n, k] -> [..., n]), also for a stack of weights [..., n, k] multiplying
-    `x` [..., M, k] matrix by matrix (-> [..., M, n]), through the fastest CPU route for its shape (module doc)."""
+    `x` [..., M, k] matrix by matrix (-> [..., M, n]), through the fastest CPU route for its shape (module doc).
+    `bf16_through_fp32`: bf16 products of several rows as fp32 GEMMs where the CPU has no native bf16 kernels
+    (faster, but not bit-identical to torch's bf16 product, so only the opt-in `"zaya_by_expert"` asks for it)."""
     if uses_compiled_matvec(x, weight):
         # [..., M, 1, k] * [..., 1, n, k] -> [..., M, n], accumulated in fp32 and rounded once, as F.linear does
         product = (x.unsqueeze(-2).float() * weight.unsqueeze(-3).float()).sum(-1)
         return (product if bias is None else product + bias.float()).to(x.dtype)
-    if uses_fp32_gemm(x, weight):
+    if bf16_through_fp32 and uses_fp32_gemm(x, weight):
         return fp32_gemm(x, weight, bias)
     if weight.ndim > 2:
         if bias is not None and x.ndim == 3:
@@ -209,10 +212,9 @@ class CPUDecoderLayer(ZayaDecoderLayer):
 
     @cached_property
     def multiply_adds_per_token(self) -> int:
-        """Weights a token multiplies: the layer's, with one expert instead of all (a rough, size-only estimate)."""
-        experts = self.mlp.experts
-        expert_weights = experts.gate_up_proj.numel() + experts.down_proj.numel()
-        return sum(p.numel() for p in self.parameters()) - expert_weights + expert_weights // experts.num_experts
+        """Weights a token multiplies: the layer's, with one expert of each stacked [E, ...] expert tensor instead of
+        all (a rough, size-only estimate; read from the parameters, so adapters wrapping the experts count too)."""
+        return sum(p.numel() // p.shape[0] if p.ndim == 3 else p.numel() for p in self.parameters())
 
     def forward(self, residual: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
@@ -294,8 +296,9 @@ def by_expert_experts_forward(
     for expert, count in enumerate(counts):
         if count:
             tokens = order[start : start + count]
-            gate, up = cpu_linear(hidden_states[tokens], module.gate_up_proj[expert]).chunk(2, dim=-1)
-            product = cpu_linear(module.act_fn(gate) * up, module.down_proj[expert])
+            gate_up = cpu_linear(hidden_states[tokens], module.gate_up_proj[expert], bf16_through_fp32=True)
+            gate, up = gate_up.chunk(2, dim=-1)
+            product = cpu_linear(module.act_fn(gate) * up, module.down_proj[expert], bf16_through_fp32=True)
             sorted_output[start : start + count] = product * top_k_weights[tokens]
             start += count
     output = torch.empty_like(hidden_states)

@@ -29,7 +29,10 @@ def shard_zaya(model: nn.Module, param_dtype: torch.dtype | None = torch.bfloat1
 
     if "mp_policy" not in fully_shard_kwargs:
         fully_shard_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    layers = [module for module in model.modules() if type(module).__name__ == "ZayaDecoderLayer"]
+    # By name, through the class hierarchy: a remote-code model's class is another module's, and the CPU fast path
+    # swaps in a subclass (`zaya_hf.ops.cpu.CPUDecoderLayer`).
+    layers = [module for module in model.modules()
+              if any(cls.__name__ == "ZayaDecoderLayer" for cls in type(module).__mro__)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no ZayaDecoderLayer to shard.")
     for layer in layers:
