@@ -19,8 +19,8 @@ ONEDNN_MIN_WEIGHT_ELEMENTS = 512 * 512
 COMPILED_MATVEC_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 1}
 
 # bf16 CPU products of the opt-in "zaya_by_expert" experts with at least this many rows per weight matrix run as
-# fp32 GEMMs over the converted weight, where oneDNN has no native bf16 kernels: torch's generic bf16 GEMM costs about one matrix-vector product per row, the
-# conversion about two, so from 4 rows the fp32 GEMM is ahead (3x at 16 rows, 5-7x at 512).
+# fp32 GEMMs over the converted weight, where oneDNN has no native bf16 kernels: torch's generic bf16 GEMM costs
+# about one matrix-vector product per row, the conversion about two, so from 4 rows the fp32 GEMM is ahead.
 FP32_GEMM_MIN_ROWS = 4
 
 # Elements of the fp32 buffer a weight is converted into, block by block (1 MiB: one core's L2 on the machine).
