@@ -196,7 +196,9 @@ def test_requests_without_rsa_fields_pass_through_unchanged(tokenizer):
 
 
 def test_fifty_requests_share_a_cap_of_eight_upstream_calls(tokenizer):
-    upstream = ScriptedUpstream(delay=0.02)
+    # Each upstream answer takes 0.2 s, so that the cap is reached even where the box is slow to accept 50 clients
+    # (at 0.02 s a clean CI run peaked at 6); 150 calls, 8 at a time: ~4 s.
+    upstream = ScriptedUpstream(delay=0.2)
     with serve(upstream) as up:
         app, engine = rsa_server_in_front_of(up, tokenizer, max_concurrency=8, prompt_format="tokens",
                                              extensions=True)
