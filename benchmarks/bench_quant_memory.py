@@ -3,7 +3,9 @@
 The bf16 checkpoint is written once, one decoder layer per shard (never a whole model in memory, ~17 GB of disk);
 each quantization then loads it in a fresh process, streaming (transformers reads on-the-fly-quantized checkpoints
 one tensor at a time), runs one decode step, and reports its resident set after loading (`VmRSS`, of which
-`RssAnon` is the process's own memory and `RssFile` mapped file pages) and its peak (`VmHWM`). Prints JSON lines.
+`RssAnon` is the process's own memory and `RssFile` mapped file pages), its peak (`VmHWM`, which also counts the
+pages of the memory-mapped shards while they are read) and the peak of its own memory while loading (`RssAnon`
+sampled every 50 ms). Prints JSON lines.
 
     python benchmarks/bench_quant_memory.py --checkpoint /tmp/zaya1-8b-random [--formats int8 int4 ...]
 """
@@ -13,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +79,23 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+class PeakSampler(threading.Thread):
+    """The highest value of a /proc/self/status field, sampled every 50 ms until `stop()`."""
+
+    def __init__(self, field: str):
+        super().__init__(daemon=True)
+        self.field, self.peak_kib, self.done = field, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            self.peak_kib = max(self.peak_kib, status_kib(self.field))
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.peak_kib / 2**20
+
+
 def measure(checkpoint: str, format_name: str) -> dict:
     """In this process: load quantized, one decode step, memory figures (GiB)."""
     torch.set_num_threads(1)
@@ -84,15 +104,19 @@ def measure(checkpoint: str, format_name: str) -> dict:
     from zaya_hf.quantization.convert import weight_footprint
 
     qconfig = ZayaQuantizationConfig(**FORMATS[format_name])
+    sampler = PeakSampler("RssAnon")
+    sampler.start()
     start = time.perf_counter()
     model = ZayaForCausalLM.from_pretrained(checkpoint, quantization_config=qconfig, dtype=torch.bfloat16).eval()
     load_seconds = time.perf_counter() - start
+    peak_anon = sampler.stop()
     after_load = {field: status_kib(field) / 2**20 for field in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
     with torch.no_grad():
         model(torch.tensor([[2, 100, 200]]))
     return {
         "format": format_name, "load_seconds": round(load_seconds, 1),
         **{f"{field}_after_load_GiB": round(value, 2) for field, value in after_load.items()},
+        "sampled_peak_RssAnon_during_load_GiB": round(peak_anon, 2),
         "VmRSS_after_forward_GiB": round(status_kib("VmRSS") / 2**20, 2),
         "VmHWM_GiB": round(status_kib("VmHWM") / 2**20, 2),
         "predicted_weight_GiB": round(weight_footprint(model.config, qconfig)["memory_bytes"] / 2**30, 2),

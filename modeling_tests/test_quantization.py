@@ -13,9 +13,9 @@ from transformers import CompileConfig
 import zaya_hf
 from zaya_hf import ZayaForCausalLM
 from zaya_hf.cli.main import main as cli
-from zaya_hf.quantization import QuantizationFormatError, QuantizedExperts, QuantizedLinear, ZayaQuantizationConfig
-from zaya_hf.quantization import formats
-from zaya_hf.quantization.convert import quantize_checkpoint
+from zaya_hf.quantization import QuantizationFormatError, QuantizedEmbedding, QuantizedExperts, QuantizedLinear
+from zaya_hf.quantization import TiedQuantizedHead, ZayaQuantizationConfig, formats
+from zaya_hf.quantization.convert import quantize_checkpoint, weight_footprint
 from zaya_hf.quantization.formats import QuantSpec
 
 from conftest import randomize, tiny_config
@@ -73,6 +73,7 @@ def test_quantize_save_load_is_bit_identical_and_logits_stay_close_to_bf16(embed
     reference, model = load(embedded), load(embedded, **quantization)
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, QuantizedExperts) and isinstance(model.lm_head, QuantizedLinear)
+    assert weight_footprint(model.config, ZayaQuantizationConfig(**quantization))["memory_bytes"] == held_weight_bytes(model)
     assert type(model.model.layers[0].mlp.gate.down_proj) is not QuantizedLinear  # routers stay bf16 by default
     with torch.no_grad():
         expected = reference(**prompts).logits.float().log_softmax(-1)
@@ -92,6 +93,44 @@ def test_quantize_save_load_is_bit_identical_and_logits_stay_close_to_bf16(embed
     assert all(torch.equal(stored[k], original[k]) for k in stored)  # the file holds exactly the state dict
     with torch.no_grad():
         assert torch.equal(reloaded(**prompts).logits, logits)
+
+
+def held_weight_bytes(model: ZayaForCausalLM) -> int:
+    """Bytes of the tensors the model holds (each once), less the quantized weights' int64 shapes."""
+    persistent = model.state_dict().keys()
+    tensors = {t.data_ptr(): t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if name in persistent and not name.endswith("_shape")}
+    return sum(t.nbytes for t in tensors.values())
+
+
+@pytest.mark.parametrize("quantization", [INT8, INT4], ids=["int8", "int4"])
+def test_a_quantized_embedding_is_the_tied_heads_table_held_once(embedded, prompts, tmp_path, quantization):
+    model = load(embedded, quantize_embedding=True, **quantization)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, QuantizedEmbedding) and isinstance(head, TiedQuantizedHead)
+    assert head.embedding is embedding and model.config.tie_word_embeddings
+    ids = prompts["input_ids"]  # lookups unpack the rows of the kernel layout: the dequantized table's rows
+    assert torch.equal(embedding(ids), embedding.dequantized("weight")[ids])
+    with torch.no_grad():
+        hidden = torch.randn(3, embedding.embedding_dim, dtype=torch.bfloat16)
+        expected = hidden.float() @ embedding.dequantized("weight", torch.float32).T
+        torch.testing.assert_close(head(hidden).float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0.02)
+        logits = model(**prompts).logits
+    qconfig = ZayaQuantizationConfig(quantize_embedding=True, **quantization)
+    assert weight_footprint(model.config, qconfig)["memory_bytes"] == held_weight_bytes(model)
+
+    model.save_pretrained(tmp_path)  # tied, as the bf16 checkpoint: the table is stored once, quantized
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
+    stored = load_file(tmp_path / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == torch.int32 and not any(k.startswith("lm_head") for k in stored)
+    reloaded = ZayaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.get_output_embeddings().embedding is reloaded.get_input_embeddings()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(reloaded(**prompts).logits, logits)
+    converted = tmp_path / "converted"  # the streaming CLI conversion writes the same tensors
+    quantize_checkpoint(embedded, converted, qconfig)
+    assert load_file(converted / "model.safetensors").keys() == stored.keys()
 
 
 def test_streaming_cli_conversion_equals_quantizing_on_load(embedded, prompts, tmp_path, capsys):

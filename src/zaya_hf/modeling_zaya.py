@@ -11,6 +11,7 @@ model as it is built, loaded or moved (`ZayaPreTrainedModel.fast_paths`); remote
 import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import ClassVar
 
 import torch
@@ -666,7 +667,8 @@ def non_finite_error(bad: list[tuple[str, int]], where: str) -> InvalidWeightsEr
 def _check_finite_weights(model: nn.Module, where: str) -> None:
     """Refuse NaN/inf weights, checked on the device each tensor was loaded to."""
     by_device = defaultdict(dict)
-    for name, tensor in model.state_dict().items():  # a tied tensor is listed under each name: checked once
+    tensors = chain(model.named_parameters(), model.named_buffers())  # as held: no state-dict hooks run
+    for name, tensor in tensors:  # a tied tensor is listed once
         if tensor.is_floating_point() and tensor.device.type != "meta":
             by_device[tensor.device].setdefault(tensor.data_ptr(), (name, tensor))
     for named in by_device.values():

@@ -11,7 +11,7 @@ quantizer for `from_pretrained`. `convert`: streaming checkpoint conversion (`za
 
 from .config import ZayaQuantizationConfig, parse_quantize
 from .formats import QuantizationFormatError
-from .modules import QuantizedEmbedding, QuantizedExperts, QuantizedLinear
+from .modules import QuantizedEmbedding, QuantizedExperts, QuantizedLinear, TiedQuantizedHead
 from .quantizer import ZayaHfQuantizer, register_quantizer
 
 register_quantizer()
@@ -21,6 +21,7 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedExperts",
     "QuantizedLinear",
+    "TiedQuantizedHead",
     "ZayaHfQuantizer",
     "ZayaQuantizationConfig",
     "parse_quantize",

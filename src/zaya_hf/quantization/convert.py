@@ -30,7 +30,8 @@ def meta_model(config: ZayaConfig) -> ZayaForCausalLM:
 
 
 def quantized_tensor_names(config: ZayaConfig, qconfig: ZayaQuantizationConfig) -> dict[str, list[str]]:
-    """{checkpoint tensor: [quantized tensors written from it]} (a tied head is written from the embedding)."""
+    """{checkpoint tensor: [quantized tensors written from it]}. A tied head stays tied to a quantized embedding (no
+    tensor of its own); with the embedding left in bf16 it is written from the embedding."""
     model = meta_model(config)
     targets = quantization_targets(model, qconfig)
     check_targets(targets, qconfig)
@@ -41,7 +42,8 @@ def quantized_tensor_names(config: ZayaConfig, qconfig: ZayaQuantizationConfig) 
             names.setdefault(f"{name}.{weight}", []).append(f"{name}.{weight}")
     if config.tie_word_embeddings and "lm_head" in targets:
         names.pop("lm_head.weight")
-        names.setdefault("model.embed_tokens.weight", []).append("lm_head.weight")
+        if not qconfig.quantize_embedding:
+            names.setdefault("model.embed_tokens.weight", []).append("lm_head.weight")
     return names
 
 
@@ -139,26 +141,24 @@ def write_quantized_shards(files: list[Path], staging: Path, targets: dict[str, 
 def weight_footprint(config: ZayaConfig, qconfig: ZayaQuantizationConfig | None,
                      dtype_bytes: int = 2) -> dict[str, int]:
     """Bytes of the weights of a model of `config` (in a `dtype_bytes` dtype) quantized with `qconfig` (None:
-    not quantized): as held in memory (int4's kernel layout keeps a zero beside every scale) and as stored."""
-    model = meta_model(config)
-    quantized: dict[str, tuple[int, ...]] = {}
-    if qconfig is not None:
-        for name, module in quantization_targets(model, qconfig).items():
-            weights = ("gate_up_proj", "down_proj") if isinstance(module, ZayaExperts) else ("weight",)
-            quantized.update({f"{name}.{w}": tuple(getattr(module, w).shape) for w in weights})
+    not quantized): as held in memory (int4's kernel layout keeps a zero beside every scale) and as stored. A tied
+    head counts once: it is the embedding's table (bf16 or quantized) or, beside a bf16 embedding, a quantized
+    tensor of its own."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in meta_model(config).state_dict().items()}
+    written = quantized_tensor_names(config, qconfig) if qconfig is not None else {}  # {source: [quantized]}
+    quantized = {name for names in written.values() for name in names}
     memory = stored = 0
-    for name, tensor in model.state_dict().items():
+    for name, shape in shapes.items():
         tied_head = name == "lm_head.weight" and config.tie_word_embeddings
         if name not in quantized and not tied_head:
-            size = tensor.numel() * (4 if name.endswith("balancing_biases") else dtype_bytes)  # kept in fp32
+            size = torch.Size(shape).numel() * (4 if name.endswith("balancing_biases") else dtype_bytes)  # fp32
             memory, stored = memory + size, stored + size
-    for name, shape in quantized.items():
-        spec = qconfig.spec
+    for source, names in written.items():
+        spec, shape = qconfig.spec, shapes[source]
         integers = torch.Size(shape).numel() * spec.bits // 8
         scales = torch.Size(spec.scale_shape(shape)).numel() * dtype_bytes
-        multiplied = name != "model.embed_tokens.weight"  # the embedding stays in the checkpoint layout
-        stored += integers + scales
-        memory += integers + scales * (2 if spec.bits == 4 and multiplied else 1)
+        stored += len(names) * (integers + scales)
+        memory += len(names) * (integers + scales * (2 if spec.bits == 4 else 1))
     return {"memory_bytes": memory, "checkpoint_bytes": stored}
 
 

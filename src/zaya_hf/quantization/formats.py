@@ -23,7 +23,7 @@ from ..configuration_zaya import CheckpointError
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 QMAX = {4: 7, 8: 127}  # symmetric: q in [-qmax, qmax], scale = absmax / qmax
-QUANTIZE_ROWS_PER_CHUNK = 4096  # rows quantized at a time: the fp32 temporaries stay small on 8B-sized matrices
+QUANTIZE_ROWS_PER_CHUNK = 256  # rows quantized at a time: the fp32 temporaries stay in cache (and small)
 
 
 class QuantizationFormatError(CheckpointError):
@@ -68,6 +68,16 @@ class QuantSpec:
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape[:-1], self.groups(shape[-1]))
 
+    def stored(self, shape: tuple[int, ...], kernel_layout: bool) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+        """(integers' shape, their dtype, scales' shape) of a weight of `shape` [..., N, K] held in the checkpoint
+        layout or in the kernel layout (see the module docstring)."""
+        *lead, rows, cols = shape
+        if not kernel_layout:
+            return self.packed_shape(shape), torch.int32, self.scale_shape(shape)
+        if self.bits == 8:
+            return tuple(shape), torch.int8, (*lead, rows)
+        return (*lead, rows, cols // 2), torch.uint8, (*lead, self.groups(cols), rows, 2)
+
 
 def quantize(weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` [..., N, K] -> (q int8 [..., N, K], scale [..., N, groups] in `scale_dtype`), round to nearest.
@@ -80,11 +90,11 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype) ->
     group = spec.group_size or flat.shape[-1]
     for start in range(0, flat.shape[0], QUANTIZE_ROWS_PER_CHUNK):
         rows = flat[start : start + QUANTIZE_ROWS_PER_CHUNK].float().unflatten(-1, (-1, group))  # [n, G, g]
-        step = rows.abs().amax(-1) / QMAX[spec.bits]
-        step = torch.where(step > 0, step, torch.ones_like(step)).to(scale_dtype)
+        step = torch.linalg.vector_norm(rows, float("inf"), dim=-1).div_(QMAX[spec.bits])  # absmax / qmax
+        step = torch.where(step > 0, step, 1.0).to(scale_dtype)
         scale[start : start + rows.shape[0]] = step
-        values = torch.round(rows / step.float()[..., None]).clamp_(-QMAX[spec.bits], QMAX[spec.bits])
-        q[start : start + rows.shape[0]] = values.flatten(-2).to(torch.int8)
+        rows.div_(step.float()[..., None]).round_().clamp_(-QMAX[spec.bits], QMAX[spec.bits])
+        q[start : start + rows.shape[0]] = rows.flatten(-2)
     return q.view(weight.shape), scale.view(*weight.shape[:-1], -1)
 
 
@@ -96,7 +106,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     """q int8 [..., K] -> compressed-tensors' pack-quantized int32 words [..., K * bits / 32]."""
-    unsigned = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    unsigned = q.view(torch.uint8) + (1 << (bits - 1))  # q + offset, wrapping mod 256 as two's complement does
     if bits == 4:
         unsigned = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)  # value 2j in the low nibble of byte j
     return unsigned.contiguous().view(torch.int32)  # little-endian: byte 0 holds the lowest bits
@@ -107,7 +117,7 @@ def unpack_int32(packed: torch.Tensor, bits: int) -> torch.Tensor:
     unsigned = packed.contiguous().view(torch.uint8)
     if bits == 4:
         unsigned = torch.stack([unsigned & 0xF, unsigned >> 4], dim=-1).flatten(-2)
-    return (unsigned.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    return (unsigned - (1 << (bits - 1))).view(torch.int8)
 
 
 def pack_int4_kernel(q: torch.Tensor) -> torch.Tensor:
@@ -115,7 +125,7 @@ def pack_int4_kernel(q: torch.Tensor) -> torch.Tensor:
     B = `int4_block_n()` rows, byte (k, i) holds row i (low nibble) and row i + B/2 (high nibble) at column k."""
     *lead, rows, cols = q.shape
     block = int4_block_n()
-    unsigned = (q.to(torch.int16) + 8).to(torch.uint8).view(*lead, rows // block, 2, block // 2, cols)
+    unsigned = (q + 8).view(torch.uint8).view(*lead, rows // block, 2, block // 2, cols)
     packed = unsigned[..., 0, :, :] | (unsigned[..., 1, :, :] << 4)  # [..., N/B, B/2, K]
     return packed.transpose(-1, -2).contiguous().view(*lead, rows, cols // 2)
 
@@ -127,7 +137,7 @@ def unpack_int4_kernel(packed: torch.Tensor) -> torch.Tensor:
     blocks = packed.view(*lead, rows // block, 2 * half, block // 2)  # [..., N/B, K, B/2]
     unsigned = torch.stack([blocks & 0xF, blocks >> 4], dim=-3)  # [..., N/B, 2, K, B/2]
     unsigned = unsigned.transpose(-1, -2).reshape(*lead, rows, 2 * half)
-    return (unsigned.to(torch.int16) - 8).to(torch.int8)
+    return (unsigned - 8).view(torch.int8)
 
 
 @cache
@@ -168,6 +178,21 @@ def from_kernel_layout(packed: torch.Tensor, kernel_scale: torch.Tensor, spec: Q
     return unpack_int4_kernel(packed), kernel_scale[..., 0].transpose(-1, -2).contiguous()
 
 
+def kernel_rows(packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec,
+                index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `index` (any shape) of a kernel-layout weight [N, K] as (q int8 [..., K], scale [..., G]): an embedding
+    lookup that unpacks only the rows it reads."""
+    if spec.bits == 8:
+        return packed[index], kernel_scale[index][..., None]
+    block = int4_block_n()
+    rows, half = packed.shape
+    blocks = packed.view(rows // block, 2 * half, block // 2)  # [N/B, K, B/2]: byte (k, i) holds rows i, i + B/2
+    within = index % block
+    nibbles = blocks[index // block, :, within % (block // 2)]  # [..., K]
+    unsigned = (nibbles >> (4 * (within // (block // 2)))[..., None]) & 0xF  # low nibble: the first half
+    return (unsigned - 8).to(torch.int8), kernel_scale[..., 0][:, index].movedim(0, -1)
+
+
 def kernel_linear(x: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """`x` [..., K] times the quantized weight [N, K] (kernel layout) -> [..., N], read by torch's CPU kernel.
     Compiled graphs call the kernel as an opaque op: Inductor's own lowering of it rounds differently."""
@@ -204,6 +229,7 @@ __all__ = [
     "from_kernel_layout",
     "int4_block_n",
     "kernel_linear",
+    "kernel_rows",
     "quantized_matmul",
     "pack_int32",
     "pack_int4_kernel",

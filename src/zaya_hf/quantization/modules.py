@@ -2,10 +2,11 @@
 """Modules holding quantized weights: `QuantizedLinear`, `QuantizedEmbedding` and `QuantizedExperts`.
 
 Each quantized weight `NAME` is three buffers: `NAME` (the integers), `NAME_scale` and `NAME_shape` (the
-unquantized shape, int64). They are built in the checkpoint layout (`formats`: compressed-tensors' pack-quantized)
-so that a checkpoint loads straight into them, then `to_kernel_layout()` rewrites the integers and scales of the
-Linears and the experts once, in place, into what torch's CPU kernels read; `state_dict()` writes the checkpoint
-layout back (and `load_state_dict` reads it), so every saved file has one layout whatever the machine.
+unquantized shape, int64). In use they hold what torch's CPU kernels read (the kernel layout, `formats`); a
+checkpoint stores compressed-tensors' pack-quantized layout. Quantizing on load writes the kernel layout directly;
+a quantized checkpoint loads into checkpoint-layout buffers, which `to_kernel_layout()` rewrites once, in place.
+`state_dict()` writes the checkpoint layout back (and `load_state_dict` reads it), so every saved file has one
+layout whatever the machine.
 
 Decode reads the kernel-layout weights directly: a product is one call of `torch._weight_int8pack_mm` /
 `torch._weight_int4pack_mm_for_cpu`, and the top-1 experts run each chosen expert's matrices as a view of the
@@ -28,30 +29,36 @@ class QuantizedWeights(nn.Module):
     """Buffers and layout conversions shared by the quantized modules (names in `quantized_names`)."""
 
     quantized_names: tuple[str, ...] = ("weight",)
-    kernel_layout_names: tuple[str, ...] = ("weight",)  # the ones torch's kernels multiply (not an embedding's)
 
-    def __init__(self, spec: QuantSpec, shapes: dict[str, tuple[int, ...]], scale_dtype: torch.dtype):
+    def __init__(self, spec: QuantSpec, shapes: dict[str, tuple[int, ...]], scale_dtype: torch.dtype,
+                 kernel_layout: bool):
         super().__init__()
         self.spec = spec
-        self.in_kernel_layout = False
+        self.in_kernel_layout = kernel_layout
         for name, shape in shapes.items():
-            self.register_buffer(name, torch.empty(spec.packed_shape(shape), dtype=torch.int32))
-            self.register_buffer(f"{name}_scale", torch.empty(spec.scale_shape(shape), dtype=scale_dtype))
+            integers_shape, integers_dtype, scale_shape = spec.stored(shape, kernel_layout)
+            self.register_buffer(name, torch.empty(integers_shape, dtype=integers_dtype))
+            self.register_buffer(f"{name}_scale", torch.empty(scale_shape, dtype=scale_dtype))
             self.register_buffer(f"{name}_shape", torch.tensor(shape, dtype=torch.int64))
         self._register_state_dict_hook(_checkpoint_layout_state_dict)
         self._register_load_state_dict_pre_hook(_checkpoint_layout_load, with_module=True)
 
+    def held(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integers `q` [..., N, K] and scales [..., N, G] (from `formats.quantize`) in the layout this module holds."""
+        if self.in_kernel_layout:
+            return formats.to_kernel_layout(q, scale, self.spec)
+        return formats.pack_int32(q, self.spec.bits), scale
+
     def set_quantized(self, name: str, q: torch.Tensor, scale: torch.Tensor) -> None:
         """Hold integers `q` [..., N, K] and scales [..., N, G] (from `formats.quantize`) as weight `name`."""
-        setattr(self, name, formats.pack_int32(q, self.spec.bits))
+        integers, scale = self.held(q, scale)
+        setattr(self, name, integers)
         setattr(self, f"{name}_scale", scale)
         setattr(self, f"{name}_shape", torch.tensor(q.shape, dtype=torch.int64))
-        if self.in_kernel_layout and name in self.kernel_layout_names:
-            self._convert(name)
 
     def quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [..., N, K], scale [..., N, G]) of weight `name`, whatever layout it is held in."""
-        if self.in_kernel_layout and name in self.kernel_layout_names:
+        if self.in_kernel_layout:
             return formats.from_kernel_layout(getattr(self, name), getattr(self, f"{name}_scale"), self.spec)
         return formats.unpack_int32(getattr(self, name), self.spec.bits), getattr(self, f"{name}_scale")
 
@@ -63,10 +70,8 @@ class QuantizedWeights(nn.Module):
         """Raise naming the tensor if the checkpoint's integers, scales or shapes disagree with this format."""
         for name in self.quantized_names:
             shape = tuple(getattr(self, f"{name}_shape").tolist())
-            expected = {
-                name: (self.spec.packed_shape(shape), torch.int32),
-                f"{name}_scale": (self.spec.scale_shape(shape), None),
-            }
+            integers_shape, integers_dtype, scale_shape = self.spec.stored(shape, self.in_kernel_layout)
+            expected = {name: (integers_shape, integers_dtype), f"{name}_scale": (scale_shape, None)}
             for tensor_name, (tensor_shape, dtype) in expected.items():
                 tensor = getattr(self, tensor_name)
                 if tuple(tensor.shape) != tensor_shape or (dtype is not None and tensor.dtype != dtype):
@@ -85,18 +90,15 @@ class QuantizedWeights(nn.Module):
         return "per-channel" if self.spec.group_size is None else f"group-{self.spec.group_size}"
 
     def to_kernel_layout(self) -> None:
-        """Rewrite the multiplied weights, in place, into the layout torch's CPU kernels read (once)."""
+        """Rewrite the weights, in place, into the layout torch's CPU kernels read (once)."""
         if self.in_kernel_layout:
             return
+        for name in self.quantized_names:
+            q = formats.unpack_int32(getattr(self, name), self.spec.bits)
+            packed, scale = formats.to_kernel_layout(q, getattr(self, f"{name}_scale"), self.spec)
+            setattr(self, name, packed)
+            setattr(self, f"{name}_scale", scale)
         self.in_kernel_layout = True
-        for name in self.kernel_layout_names:
-            self._convert(name)
-
-    def _convert(self, name: str) -> None:
-        q = formats.unpack_int32(getattr(self, name), self.spec.bits)
-        packed, scale = formats.to_kernel_layout(q, getattr(self, f"{name}_scale"), self.spec)
-        setattr(self, name, packed)
-        setattr(self, f"{name}_scale", scale)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -116,7 +118,7 @@ def _checkpoint_layout_state_dict(module: QuantizedWeights, state_dict: dict, pr
     """state_dict hook: the kernel-layout weights written in the checkpoint layout."""
     if not module.in_kernel_layout:
         return
-    for name in module.kernel_layout_names:
+    for name in module.quantized_names:
         q, scale = module.quantized(name)
         state_dict[prefix + name] = formats.pack_int32(q, module.spec.bits)
         state_dict[prefix + f"{name}_scale"] = scale
@@ -126,7 +128,7 @@ def _checkpoint_layout_load(module: QuantizedWeights, state_dict: dict, prefix: 
     """load_state_dict pre-hook: a checkpoint-layout state dict goes into a kernel-layout module."""
     if not module.in_kernel_layout:
         return
-    for name in module.kernel_layout_names:
+    for name in module.quantized_names:
         if prefix + name in state_dict and prefix + f"{name}_scale" in state_dict:
             q = formats.unpack_int32(state_dict[prefix + name], module.spec.bits)
             packed, scale = formats.to_kernel_layout(q, state_dict[prefix + f"{name}_scale"], module.spec)
@@ -142,8 +144,9 @@ def kernels_apply(*tensors: torch.Tensor) -> bool:
 class QuantizedLinear(QuantizedWeights):
     """An `nn.Linear` whose weight [out, in] is quantized; the bias stays a floating parameter."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec, dtype: torch.dtype):
-        super().__init__(spec, {"weight": (out_features, in_features)}, dtype)
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec, dtype: torch.dtype,
+                 kernel_layout: bool = True):
+        super().__init__(spec, {"weight": (out_features, in_features)}, dtype, kernel_layout)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
@@ -154,7 +157,6 @@ class QuantizedLinear(QuantizedWeights):
         module.set_quantized("weight", *formats.quantize(linear.weight.detach(), spec, linear.weight.dtype))
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        module.to_kernel_layout()
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,22 +170,47 @@ class QuantizedLinear(QuantizedWeights):
 
 
 class QuantizedEmbedding(QuantizedWeights):
-    """An `nn.Embedding` whose table [vocab, d] is quantized; lookups unpack only the rows they read, so the
-    table stays in the checkpoint layout (no kernel multiplies it)."""
-
-    kernel_layout_names = ()
+    """An `nn.Embedding` whose table [vocab, d] is quantized; lookups unpack only the rows they read. The table is
+    held in the kernel layout like a Linear's weight, so a tied LM head multiplies it as it is
+    (`TiedQuantizedHead`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, spec: QuantSpec,
-                 dtype: torch.dtype):
-        super().__init__(spec, {"weight": (num_embeddings, embedding_dim)}, dtype)
+                 dtype: torch.dtype, kernel_layout: bool = True):
+        super().__init__(spec, {"weight": (num_embeddings, embedding_dim)}, dtype, kernel_layout)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = formats.unpack_int32(F.embedding(input_ids, self.weight), self.spec.bits)  # [..., d] int8
-        return formats.dequantize(rows, F.embedding(input_ids, self.weight_scale), self.weight_scale.dtype)
+        if self.in_kernel_layout:
+            rows, scale = formats.kernel_rows(self.weight, self.weight_scale, self.spec, input_ids)  # [..., d] int8
+        else:
+            rows = formats.unpack_int32(F.embedding(input_ids, self.weight), self.spec.bits)
+            scale = F.embedding(input_ids, self.weight_scale)
+        return formats.dequantize(rows, scale, self.weight_scale.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {super().extra_repr()}"
+
+
+class TiedQuantizedHead(nn.Module):
+    """The LM head of a tied model whose embedding is quantized: it multiplies the embedding's own integers, so
+    the table is held once (as in the bf16 model) and the checkpoint stays tied (the head has no tensors)."""
+
+    def __init__(self, embedding: QuantizedEmbedding):
+        super().__init__()
+        self._embedding = [embedding]  # a reference, not a submodule: the table has one state-dict entry
+
+    @property
+    def embedding(self) -> QuantizedEmbedding:
+        return self._embedding[0]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        table = self.embedding
+        if not table.in_kernel_layout or not kernels_apply(hidden_states):
+            return F.linear(hidden_states, table.dequantized("weight", hidden_states.dtype))
+        return formats.kernel_linear(hidden_states, table.weight, table.weight_scale, table.spec)
+
+    def extra_repr(self) -> str:
+        return f"tied to the embedding ({self.embedding.extra_repr()})"
 
 
 def top1_experts(
@@ -238,15 +265,14 @@ class QuantizedExperts(QuantizedWeights):
     (`hidden_states` [N, d], `top_k_index` / `top_k_weights` [N, 1], skip-class tokens as expert 0 with weight 0)."""
 
     quantized_names = ("gate_up_proj", "down_proj")
-    kernel_layout_names = quantized_names
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str, spec: QuantSpec,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, kernel_layout: bool = True):
         shapes = {
             "gate_up_proj": (num_experts, 2 * intermediate_size, hidden_size),
             "down_proj": (num_experts, hidden_size, intermediate_size),
         }
-        super().__init__(spec, shapes, dtype)
+        super().__init__(spec, shapes, dtype, kernel_layout)
         self.num_experts, self.intermediate_size, self.activation = num_experts, intermediate_size, activation
         self.act_fn = ACT2FN[activation]
 
@@ -289,4 +315,12 @@ class QuantizedExperts(QuantizedWeights):
         return f"{self.num_experts} experts, {super().extra_repr()}"
 
 
-__all__ = ["QuantizedEmbedding", "QuantizedExperts", "QuantizedLinear", "QuantizedWeights", "top1_experts", "top1_experts_op"]
+__all__ = [
+    "QuantizedEmbedding",
+    "QuantizedExperts",
+    "QuantizedLinear",
+    "QuantizedWeights",
+    "TiedQuantizedHead",
+    "top1_experts",
+    "top1_experts_op",
+]

@@ -3,9 +3,11 @@
 
 transformers builds the model on the meta device, lets the quantizer swap modules (`replace_with_quantized`), then
 reads the checkpoint one tensor at a time: a bf16 weight of a quantized module goes through `ZayaQuantize` as it is
-read (on-the-fly loading is sequential in transformers), so the bf16 model is never whole in memory. A checkpoint
-saved quantized (`quantization_config` in its config.json) loads its integer tensors as they are (no re-quantizing).
-After loading, the tied LM head is quantized from the embedding and every quantized weight moves to the kernel layout.
+read (on-the-fly loading is sequential in transformers) and is stored straight in the kernel layout, so the bf16
+model is never whole in memory and nothing is re-packed afterwards. A checkpoint saved quantized
+(`quantization_config` in its config.json) loads its integer tensors as they are (no re-quantizing) and moves them
+to the kernel layout one module at a time. A tied LM head multiplies the quantized embedding's own integers
+(`TiedQuantizedHead`), or, with the embedding left in bf16, is quantized from it after loading.
 """
 
 import torch
@@ -18,7 +20,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from ..modeling_zaya import ZayaExperts
 from . import formats
 from .config import QUANT_METHOD, ZayaQuantizationConfig
-from .modules import QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedWeights
+from .modules import QuantizedEmbedding, QuantizedExperts, QuantizedLinear, QuantizedWeights, TiedQuantizedHead
 
 
 def quantization_targets(model: nn.Module, config: ZayaQuantizationConfig) -> dict[str, nn.Module]:
@@ -43,22 +45,26 @@ def check_targets(targets: dict[str, nn.Module], config: ZayaQuantizationConfig)
             config.spec.check(f"{name}.weight", tuple(module.weight.shape))
 
 
-def quantized_twin(module: nn.Module, config: ZayaQuantizationConfig, dtype: torch.dtype) -> QuantizedWeights:
-    """An empty quantized module standing in for `module` (checkpoint layout, on `module`'s device)."""
+def quantized_twin(module: nn.Module, config: ZayaQuantizationConfig, dtype: torch.dtype,
+                   kernel_layout: bool) -> QuantizedWeights:
+    """An empty quantized module standing in for `module` (on `module`'s device), in the kernel layout (quantizing
+    on load) or the checkpoint layout (loading a quantized checkpoint)."""
     spec = config.spec
     with torch.device(next(module.parameters()).device):
         if isinstance(module, ZayaExperts):
             activation = module.config.hidden_act
             return QuantizedExperts(module.num_experts, module.gate_up_proj.shape[-1], module.intermediate_size,
-                                    activation, spec, dtype)
+                                    activation, spec, dtype, kernel_layout)
         if isinstance(module, nn.Embedding):
-            return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, spec, dtype)
-        return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, spec, dtype)
+            return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, spec, dtype,
+                                      kernel_layout)
+        return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, spec, dtype,
+                               kernel_layout)
 
 
 class PendingHead(nn.Module):
-    """The tied LM head while a bf16 checkpoint loads: no tensors of its own (the checkpoint has none), quantized
-    from the embedding once that is loaded."""
+    """The tied LM head of a model whose embedding stays in bf16, while the checkpoint loads: no tensors of its own
+    (the checkpoint has none), quantized from the embedding once that is loaded."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("The LM head is quantized after the checkpoint is loaded; this model did not finish loading.")
@@ -66,9 +72,9 @@ class PendingHead(nn.Module):
 
 def replace_with_quantized(model: nn.Module, config: ZayaQuantizationConfig, pre_quantized: bool,
                            dtype: torch.dtype) -> None:
-    """Swap the modules `config` quantizes for empty quantized ones, after checking every shape. A tied LM head is
-    untied (the quantized head and the embedding are different tensors); loading bf16 weights, it waits for the
-    embedding (`PendingHead`), loading a quantized checkpoint, it has tensors of its own."""
+    """Swap the modules `config` quantizes for empty quantized ones, after checking every shape. A tied LM head
+    stays tied to a quantized embedding (`TiedQuantizedHead`: one table, no tensors of its own); with the embedding
+    left in bf16 it is untied and quantized from the embedding after loading (`PendingHead`)."""
     targets = quantization_targets(model, config)
     check_targets(targets, config)
     head_name = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
@@ -78,37 +84,49 @@ def replace_with_quantized(model: nn.Module, config: ZayaQuantizationConfig, pre
             "quantize_embedding=True with a tied LM head left unquantized: the head would have no weight to "
             "multiply. Quantize the head too (drop 'lm_head' from modules_to_not_convert)."
         )
-    if tied and head_name in targets:
-        model.config.get_text_config().tie_word_embeddings = False
-        model.config.tie_word_embeddings = False
-        model.all_tied_weights_keys = {}
+    tied_head = tied and head_name in targets
+    if tied_head:
+        model.all_tied_weights_keys = {}  # transformers has no parameter to tie: the quantized head handles it
+        if not config.quantize_embedding:  # the head gets a quantized tensor of its own
+            model.config.get_text_config().tie_word_embeddings = False
+            model.config.tie_word_embeddings = False
     for name, module in targets.items():
-        parent, child = get_module_from_name(model, name)
-        twin = PendingHead() if (tied and name == head_name and not pre_quantized) else quantized_twin(module, config, dtype)
-        setattr(parent, child, twin)
+        if not (tied_head and name == head_name):
+            parent, child = get_module_from_name(model, name)
+            setattr(parent, child, quantized_twin(module, config, dtype, kernel_layout=not pre_quantized))
+    if tied_head:
+        parent, child = get_module_from_name(model, head_name)
+        embedding = model.get_input_embeddings()
+        setattr(parent, child, TiedQuantizedHead(embedding) if config.quantize_embedding else PendingHead())
 
 
 def finish_quantized_model(model: nn.Module, config: ZayaQuantizationConfig) -> None:
-    """After loading: check every quantized module against its config, quantize a pending head from the embedding,
-    and move the multiplied weights to the kernel layout (one module at a time)."""
+    """After loading: check every quantized module against its config, move a quantized checkpoint's weights to
+    the kernel layout (one module at a time), and quantize a pending head from the bf16 embedding."""
     for name, module in model.named_modules():
         if isinstance(module, QuantizedWeights):
             module.check_loaded(f"{name}.")
-    head = model.get_output_embeddings()
-    if isinstance(head, PendingHead):
-        embedding = model.get_input_embeddings()
-        twin = QuantizedLinear(embedding.embedding_dim, embedding.num_embeddings, False, config.spec,
-                               embedding.weight_scale.dtype if isinstance(embedding, QuantizedEmbedding)
-                               else embedding.weight.dtype)
-        if isinstance(embedding, QuantizedEmbedding):  # same format: the head holds the same integers
-            twin.set_quantized("weight", *embedding.quantized("weight"))
-        else:
-            twin.set_quantized("weight", *formats.quantize(embedding.weight.detach(), config.spec, embedding.weight.dtype))
-        model.set_output_embeddings(twin)
-    for module in model.modules():
-        if isinstance(module, QuantizedWeights):
             module.to_kernel_layout()
+    if isinstance(model.get_output_embeddings(), PendingHead):
+        embedding = model.get_input_embeddings()
+        head = QuantizedLinear(embedding.embedding_dim, embedding.num_embeddings, False, config.spec, embedding.weight.dtype)
+        head.set_quantized("weight", *formats.quantize(embedding.weight.detach(), config.spec, embedding.weight.dtype))
+        model.set_output_embeddings(head)
+    copy_out_of_checkpoint(model)
     model.install_fast_paths()
+
+
+@torch.no_grad()
+def copy_out_of_checkpoint(model: nn.Module) -> None:
+    """Give the tensors left unquantized (norms, routers, convolutions, a bf16 embedding) memory of their own.
+    Loaded, they are views of the memory-mapped shards, and one small view keeps a whole shard mapped: every page
+    of it was read while quantizing, so all of it would stay in the resident set."""
+    for module in model.modules():
+        if not isinstance(module, QuantizedWeights):
+            for parameter in module.parameters(recurse=False):
+                parameter.data = parameter.data.clone()
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.clone()
 
 
 class ZayaQuantize(ConversionOps):
@@ -124,9 +142,9 @@ class ZayaQuantize(ConversionOps):
             weight = value[0] if isinstance(value, list) else value
             module, _ = get_module_from_name(model, key)
             config.spec.check(key, tuple(weight.shape))
-            q, scale = formats.quantize(weight, config.spec, module_scale_dtype(module, key))
-            result[key] = formats.pack_int32(q, config.spec.bits)
-            result[f"{key}_scale"] = scale
+            result[key], result[f"{key}_scale"] = module.held(
+                *formats.quantize(weight, config.spec, module_scale_dtype(module, key))
+            )
             result[f"{key}_shape"] = torch.tensor(weight.shape, dtype=torch.int64)
         return result
 
