@@ -14,11 +14,15 @@ from zaya_hf.training import lora_config
 
 
 def test_qlora_trains_every_preset_on_a_4bit_base_and_merges_by_requantizing(tmp_path):
-    torch.manual_seed(0)  # the adapters' random init: the merge bound below is checked on one fixed draw
     path = zaya_hf.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["Compute 3+4. The answer is \\boxed{7}.", "Compute 12*7. The answer is \\boxed{84}."]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
     model = ZayaForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                             quantization_config=ZayaQuantizationConfig(bits=4, group_size=32))
+    with torch.no_grad():  # the base's own rounding error, the scale of what re-quantizing a merge can add
+        bf16_logits = ZayaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)(**batch).logits.float()
+        quantization_error = (model(**batch).logits.float() - bf16_logits).abs().mean()
     base_integers = model.model.layers[0].mlp.experts.gate_up_proj.clone()
     peft_model = get_qlora_model(model, lora_config(("attention", "experts", "router"), r=4, alpha=8))
     layer = peft_model.base_model.model.model.layers[0]
@@ -26,8 +30,6 @@ def test_qlora_trains_every_preset_on_a_4bit_base_and_merges_by_requantizing(tmp
     assert isinstance(layer.self_attn.qkv_proj.v_proj_current, QuantizedLoraLinear)
     assert all("lora_" in name for name, p in peft_model.named_parameters() if p.requires_grad)
 
-    texts = ["Compute 3+4. The answer is \\boxed{7}.", "Compute 12*7. The answer is \\boxed{84}."]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
     peft_model.train()
@@ -62,9 +64,9 @@ def test_qlora_trains_every_preset_on_a_4bit_base_and_merges_by_requantizing(tmp
     assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale)
     with torch.no_grad():
         merged_logits = merged(**batch).logits.float()
-    # Re-quantizing moves logits by about the base's own quantization error (int4, group 32): 0.107-0.110 of the mean
-    # |logit| on the draws seen (seed 0 and unseeded), so 0.15.
-    assert (merged_logits - adapted).abs().mean() < 0.15 * adapted.abs().mean()
+    # Re-quantizing moves each merged weight by at most half a step, as quantizing the bf16 base did, so the logits
+    # move by no more than the base's own quantization error (measured: 0.20 against 0.94).
+    assert (merged_logits - adapted).abs().mean() < quantization_error
     merged.save_pretrained(tmp_path)
     reloaded = ZayaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
