@@ -46,6 +46,20 @@ def load(path, **quantization) -> ZayaForCausalLM:
     return ZayaForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16).eval()
 
 
+def mapped_files(folder) -> set[str]:
+    """Files under `folder` this process has memory-mapped (Linux)."""
+    with open("/proc/self/maps") as maps:
+        return {line.split()[-1] for line in maps if str(folder) in line}
+
+
+def held_weight_bytes(model: ZayaForCausalLM) -> int:
+    """Bytes of the tensors the model holds (each once), less the quantized weights' int64 shapes."""
+    persistent = model.state_dict().keys()
+    tensors = {t.data_ptr(): t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if name in persistent and not name.endswith("_shape")}
+    return sum(t.nbytes for t in tensors.values())
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(8, None), QuantSpec(4, 32), QuantSpec(4, 128)])
 def test_checkpoint_layout_is_compressed_tensors_pack_quantized_and_kernel_layout_is_torchs(spec):
     weight = torch.randn(2, 64, 256, dtype=torch.bfloat16)
@@ -85,22 +99,15 @@ def test_quantize_save_load_is_bit_identical_and_logits_stay_close_to_bf16(embed
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["quantization_config"]["bits"] == quantization["bits"] and saved["tie_word_embeddings"] is False
+    reloaded = ZayaForCausalLM.from_pretrained(tmp_path).eval()
+    assert not mapped_files(tmp_path)  # nothing of the model is a view of the checkpoint's memory map
     stored = load_file(tmp_path / "model.safetensors")
     assert stored["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.int32
-    reloaded = ZayaForCausalLM.from_pretrained(tmp_path).eval()
     original, loaded = model.state_dict(), reloaded.state_dict()
     assert original.keys() == loaded.keys() and all(torch.equal(original[k], loaded[k]) for k in original)
     assert all(torch.equal(stored[k], original[k]) for k in stored)  # the file holds exactly the state dict
     with torch.no_grad():
         assert torch.equal(reloaded(**prompts).logits, logits)
-
-
-def held_weight_bytes(model: ZayaForCausalLM) -> int:
-    """Bytes of the tensors the model holds (each once), less the quantized weights' int64 shapes."""
-    persistent = model.state_dict().keys()
-    tensors = {t.data_ptr(): t for name, t in [*model.named_parameters(), *model.named_buffers()]
-               if name in persistent and not name.endswith("_shape")}
-    return sum(t.nbytes for t in tensors.values())
 
 
 @pytest.mark.parametrize("quantization", [INT8, INT4], ids=["int8", "int4"])
@@ -121,10 +128,10 @@ def test_a_quantized_embedding_is_the_tied_heads_table_held_once(embedded, promp
 
     model.save_pretrained(tmp_path)  # tied, as the bf16 checkpoint: the table is stored once, quantized
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
+    reloaded = ZayaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.get_output_embeddings().embedding is reloaded.get_input_embeddings() and not mapped_files(tmp_path)
     stored = load_file(tmp_path / "model.safetensors")
     assert stored["model.embed_tokens.weight"].dtype == torch.int32 and not any(k.startswith("lm_head") for k in stored)
-    reloaded = ZayaForCausalLM.from_pretrained(tmp_path).eval()
-    assert reloaded.get_output_embeddings().embedding is reloaded.get_input_embeddings()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in reloaded.state_dict().items())
     with torch.no_grad():
         assert torch.equal(reloaded(**prompts).logits, logits)

@@ -118,14 +118,15 @@ def finish_quantized_model(model: nn.Module, config: ZayaQuantizationConfig) -> 
 
 @torch.no_grad()
 def copy_out_of_checkpoint(model: nn.Module) -> None:
-    """Give the tensors left unquantized (norms, routers, convolutions, a bf16 embedding) memory of their own.
-    Loaded, they are views of the memory-mapped shards, and one small view keeps a whole shard mapped: every page
-    of it was read while quantizing, so all of it would stay in the resident set."""
+    """Give every tensor but the quantized integers (just written by quantizing or re-laying-out) memory of its own.
+    Loaded, the others are views of the memory-mapped shards, and one small view keeps a whole shard mapped: every
+    page of it was read while loading, so all of it would stay in the resident set."""
     for module in model.modules():
-        if not isinstance(module, QuantizedWeights):
-            for parameter in module.parameters(recurse=False):
-                parameter.data = parameter.data.clone()
-            for name, buffer in module.named_buffers(recurse=False):
+        integers = module.quantized_names if isinstance(module, QuantizedWeights) else ()
+        for parameter in module.parameters(recurse=False):
+            parameter.data = parameter.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in integers:
                 module._buffers[name] = buffer.clone()
 
 
