@@ -127,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="folder of the random bf16 checkpoint (written if absent)")
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
-    parser.add_argument("--measure", choices=list(FORMATS), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--measure", choices=list(FORMATS), help="measure one format in this process (no child)")
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.checkpoint, args.measure)))
