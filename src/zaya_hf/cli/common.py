@@ -1,6 +1,7 @@
 """What the subcommands share: resolving and loading `--model`, dtype/device options, user-facing errors."""
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> 
     if dtype:
         parser.add_argument(
             "--dtype", choices=["auto", *DTYPES], default="auto",
-            help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)",
+            help="weights dtype (auto: bfloat16 on GPU and for quantized weights, float32 otherwise)",
         )
         parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
@@ -57,9 +58,17 @@ def pick_device(device: str | None) -> torch.device:
     return device
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`--dtype` as a torch dtype; "auto" is bfloat16 on GPU, float32 otherwise."""
-    return DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+def pick_dtype(dtype: str, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """`--dtype` as a torch dtype; "auto" is bfloat16 on GPU and for quantized weights (torch's int8 / int4 CPU
+    kernels run 4-16x slower on float32 activations than on bfloat16, `bench_quant_kernels.jsonl`), float32
+    otherwise."""
+    return DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" or quantized else torch.float32)
+
+
+def is_quantized_checkpoint(source: str) -> bool:
+    """Whether the local folder `source` holds a quantized checkpoint (its config.json has a quantization_config)."""
+    config = Path(source) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
 def load_tokenizer(name: str | None, flag: str = "--model"):
@@ -79,8 +88,8 @@ def load_model(args: argparse.Namespace):
     import zaya_hf  # noqa: F401  (registers the zaya classes with the Auto classes)
 
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     source = resolve_model(args.model)
+    dtype = pick_dtype(args.dtype, device, quantized=bool(getattr(args, "quantize", None)) or is_quantized_checkpoint(source))
     tokenizer = load_tokenizer(args.model)
     quantization = {}
     if getattr(args, "quantize", None):  # the commands with --quantize
