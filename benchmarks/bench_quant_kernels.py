@@ -8,12 +8,11 @@ model). Median milliseconds per product and the bytes of weights streamed per se
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_cpu_ops import median_ms  # benchmarks/ is on the path of a script run from it
 
 from zaya_hf.quantization import formats
 from zaya_hf.quantization.formats import QuantSpec
@@ -22,17 +21,6 @@ from zaya_hf.quantization.formats import QuantSpec
 SHAPES = {"lm_head": (262144, 2048), "expert_gate_up": (4096, 2048), "expert_down": (2048, 2048),
           "o_proj": (2048, 2048), "router_down_proj": (256, 2048)}
 SPECS = {"int8": QuantSpec(8, None), "int4-g64": QuantSpec(4, 64)}
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -49,13 +37,13 @@ def main() -> None:
             x = torch.randn(1, cols, dtype=act_dtype)
             act = str(act_dtype).removeprefix("torch.")
             dense = weight.to(act_dtype)
-            record[f"dense_{act}_ms"] = round(median_ms(lambda: F.linear(x, dense), args.repeats), 3)
+            record[f"dense_{act}_ms"] = median_ms(lambda: F.linear(x, dense), args.repeats)
             for spec_name, spec in SPECS.items():
                 q, scale = formats.quantize(weight, spec, act_dtype)
                 packed, kernel_scale = formats.to_kernel_layout(q, scale, spec)
                 ms = median_ms(lambda: formats.quantized_matmul(x, packed, kernel_scale, spec.bits,
                                                                 spec.group_size or 0), args.repeats)
-                record[f"{spec_name}_{act}_ms"] = round(ms, 3)
+                record[f"{spec_name}_{act}_ms"] = ms
                 record[f"{spec_name}_{act}_speedup_vs_dense_bf16"] = round(record["dense_bfloat16_ms"] / ms, 2)
                 record[f"{spec_name}_{act}_weight_GB_per_s"] = round(
                     (packed.nbytes + kernel_scale.nbytes) / ms / 1e6, 2)
