@@ -1,18 +1,20 @@
 """Decode / prefill speed and cache size of zaya_hf against transformers' own ZAYA, measured in one process.
 
 Both models get the same random weights ("bench-small" by default) and run alternately: a warm-up, then
-`--repeats` timed repetitions of each measurement; the median is reported. Prints one JSON line.
+`--repeats` timed repetitions of each measurement; the median is reported. Prints one JSON line with the
+command that reproduces it (and writes it to `--output`).
 The measurement lives in `zaya_hf.bench`; `zaya-hf bench` runs the same on any model.
 
     python benchmarks/bench_decode.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
 """
 
 import argparse
-import json
+from pathlib import Path
 
 import torch
 
 from zaya_hf.bench import build_bench_small, reference_twin, run_decode_benchmark
+from zaya_hf.bench.record import emit
 
 
 def main() -> None:
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="also time zaya_hf with a static cache and a compiled decode step"
     )
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON line here")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -41,7 +44,7 @@ def main() -> None:
             prefill_tokens=args.prefill_tokens, repeats=args.repeats, compile_decode=args.compile,
         )
     )
-    print(json.dumps(result))
+    emit(result, "benchmarks/bench_decode.py", args, args.output)
 
 
 if __name__ == "__main__":
