@@ -168,19 +168,17 @@ def test_demo_prints_both_methods_and_writes_the_plot(tmp_path, capsys, monkeypa
 
 def test_quantized_weights_load_with_bfloat16_activations_unless_a_dtype_is_asked_for(tmp_path):
     # torch's int8 / int4 CPU kernels are 4-16x slower on float32 activations (bench_quant_kernels.jsonl).
-    def scale_dtype(*argv):
-        args = argparse.Namespace(model=None, device="cpu", dtype="auto", quantize=None)
-        for flag, value in zip(argv[::2], argv[1::2]):
-            setattr(args, flag, value)
+    def scale_dtype(**options):
+        args = argparse.Namespace(**{"model": None, "device": "cpu", "dtype": "auto", "quantize": None, **options})
         model, _ = load_model(args)
-        return model.model.layers[0].mlp.experts.gate_up_proj_scale.dtype if args.quantize or args.model \
-            else model.dtype
+        quantized = args.quantize or args.model
+        return model.model.layers[0].mlp.experts.gate_up_proj_scale.dtype if quantized else model.dtype
 
     assert scale_dtype() == torch.float32  # unquantized: float32 on the CPU, as before
-    assert scale_dtype("quantize", "int8") == torch.bfloat16
-    assert scale_dtype("quantize", "int8", "dtype", "float32") == torch.float32  # asked for: kept
+    assert scale_dtype(quantize="int8") == torch.bfloat16
+    assert scale_dtype(quantize="int8", dtype="float32") == torch.float32  # asked for: kept
     assert main(["quantize", zaya_hf.default_model_path(), str(tmp_path / "int4"), "--bits", "4"]) == 0
-    assert scale_dtype("model", str(tmp_path / "int4")) == torch.bfloat16  # a quantized checkpoint, too
+    assert scale_dtype(model=str(tmp_path / "int4")) == torch.bfloat16  # a quantized checkpoint, too
 
 
 def test_bench_times_the_model_against_transformers_zaya(capsys):

@@ -89,13 +89,14 @@ def load_model(args: argparse.Namespace):
 
     device = pick_device(args.device)
     source = resolve_model(args.model)
-    dtype = pick_dtype(args.dtype, device, quantized=bool(getattr(args, "quantize", None)) or is_quantized_checkpoint(source))
+    quantize = getattr(args, "quantize", None)  # the commands with --quantize
+    dtype = pick_dtype(args.dtype, device, quantized=bool(quantize) or is_quantized_checkpoint(source))
     tokenizer = load_tokenizer(args.model)
     quantization = {}
-    if getattr(args, "quantize", None):  # the commands with --quantize
+    if quantize:
         from ..quantization import parse_quantize
 
-        quantization["quantization_config"] = parse_quantize(args.quantize)
+        quantization["quantization_config"] = parse_quantize(quantize)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
     except (OSError, ValueError) as error:

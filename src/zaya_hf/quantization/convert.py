@@ -29,10 +29,11 @@ def meta_model(config: ZayaConfig) -> ZayaForCausalLM:
         return ZayaForCausalLM(config)
 
 
-def quantized_tensor_names(config: ZayaConfig, qconfig: ZayaQuantizationConfig) -> dict[str, list[str]]:
-    """{checkpoint tensor: [quantized tensors written from it]}. A tied head stays tied to a quantized embedding (no
-    tensor of its own); with the embedding left in bf16 it is written from the embedding."""
-    model = meta_model(config)
+def quantized_tensor_names(model: ZayaForCausalLM, qconfig: ZayaQuantizationConfig) -> dict[str, list[str]]:
+    """{checkpoint tensor: [quantized tensors written from it]} for `model` (a meta model of the checkpoint's config).
+    A tied head stays tied to a quantized embedding (no tensor of its own); with the embedding left in bf16 it is
+    written from the embedding."""
+    config = model.config
     targets = quantization_targets(model, qconfig)
     check_targets(targets, qconfig)
     names: dict[str, list[str]] = {}
@@ -67,7 +68,7 @@ def quantize_checkpoint(source: str | Path, output: str | Path, qconfig: ZayaQua
     config = ZayaConfig.from_pretrained(source)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{source} is already quantized ({config.quantization_config}).")
-    targets = quantized_tensor_names(config, qconfig)
+    targets = quantized_tensor_names(meta_model(config), qconfig)
     files = checkpoint_files(source)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +145,9 @@ def weight_footprint(config: ZayaConfig, qconfig: ZayaQuantizationConfig | None,
     not quantized): as held in memory (int4's kernel layout keeps a zero beside every scale) and as stored. A tied
     head counts once: it is the embedding's table (bf16 or quantized) or, beside a bf16 embedding, a quantized
     tensor of its own."""
-    shapes = {name: tuple(tensor.shape) for name, tensor in meta_model(config).state_dict().items()}
-    written = quantized_tensor_names(config, qconfig) if qconfig is not None else {}  # {source: [quantized]}
+    model = meta_model(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    written = quantized_tensor_names(model, qconfig) if qconfig is not None else {}  # {source: [quantized]}
     quantized = {name for names in written.values() for name in names}
     memory = stored = 0
     for name, shape in shapes.items():

@@ -135,6 +135,15 @@ def _checkpoint_layout_load(module: QuantizedWeights, state_dict: dict, prefix: 
             state_dict[prefix + name], state_dict[prefix + f"{name}_scale"] = packed, scale
 
 
+def quantized_linear(x: torch.Tensor, module: QuantizedWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` [..., K] times `module`'s quantized `weight` [N, K]: torch's integer kernel, or, under autograd (or
+    before the kernel layout), the dequantized weight."""
+    if not module.in_kernel_layout or not kernels_apply(x):
+        return F.linear(x, module.dequantized("weight", x.dtype), bias)
+    out = formats.kernel_linear(x, module.weight, module.weight_scale, module.spec)
+    return out if bias is None else out + bias
+
+
 def kernels_apply(*tensors: torch.Tensor) -> bool:
     """The integer kernels run the product: autograd records none of the inputs (else the dequantized weight is
     multiplied, so that gradients reach the inputs)."""
@@ -150,20 +159,8 @@ class QuantizedLinear(QuantizedWeights):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantizedLinear":
-        """Quantize an existing `nn.Linear` (the tied LM head after loading, PEFT merges)."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec, linear.weight.dtype)
-        module.set_quantized("weight", *formats.quantize(linear.weight.detach(), spec, linear.weight.dtype))
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return module
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.in_kernel_layout or not kernels_apply(x):
-            return F.linear(x, self.dequantized("weight", x.dtype), self.bias)
-        out = formats.kernel_linear(x, self.weight, self.weight_scale, self.spec)
-        return out if self.bias is None else out + self.bias
+        return quantized_linear(x, self, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
@@ -180,11 +177,9 @@ class QuantizedEmbedding(QuantizedWeights):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.in_kernel_layout:
-            rows, scale = formats.kernel_rows(self.weight, self.weight_scale, self.spec, input_ids)  # [..., d] int8
-        else:
-            rows = formats.unpack_int32(F.embedding(input_ids, self.weight), self.spec.bits)
-            scale = F.embedding(input_ids, self.weight_scale)
+        if not self.in_kernel_layout:
+            return F.embedding(input_ids, self.dequantized("weight"))
+        rows, scale = formats.kernel_rows(self.weight, self.weight_scale, self.spec, input_ids)  # [..., d] int8
         return formats.dequantize(rows, scale, self.weight_scale.dtype)
 
     def extra_repr(self) -> str:
@@ -204,10 +199,7 @@ class TiedQuantizedHead(nn.Module):
         return self._embedding[0]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        table = self.embedding
-        if not table.in_kernel_layout or not kernels_apply(hidden_states):
-            return F.linear(hidden_states, table.dequantized("weight", hidden_states.dtype))
-        return formats.kernel_linear(hidden_states, table.weight, table.weight_scale, table.spec)
+        return quantized_linear(hidden_states, self.embedding)
 
     def extra_repr(self) -> str:
         return f"tied to the embedding ({self.embedding.extra_repr()})"
