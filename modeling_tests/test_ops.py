@@ -11,6 +11,7 @@ from zaya_hf.modeling_zaya import ZayaCCAProjection, ZayaExperts
 from zaya_hf.ops.cpu import (
     CPU_FORWARDS,
     ONEDNN_LINEAR_AVAILABLE,
+    CPUAttention,
     CPUCCAProjection,
     CPUExperts,
     CPULinear,
@@ -108,13 +109,26 @@ def test_packed_one_token_attention_equals_transformers_sdpa(model, dtype, maske
 
 
 @torch.no_grad()
-def test_zaya_sdpa_is_an_attention_implementation_of_transformers():
-    ours, _ = make_pair(tiny_config(attn_implementation="zaya_sdpa"), seed=3)
-    plain, _ = make_pair(tiny_config(), seed=3)
-    assert ours.config._attn_implementation == "zaya_sdpa"
+def test_cpu_sdpa_decode_steps_run_packed_and_generate_as_the_model_forwards(monkeypatch):
+    ours = make_pair(tiny_config(), seed=3)[0]
+    assert ours.config._attn_implementation == "sdpa"
+    assert all(isinstance(layer.self_attn, CPUAttention) for layer in ours.model.layers)
     ids = torch.randint(3, 101, (2, 9))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+    query_rows = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(query, *args, **kwargs):
+        query_rows.append(query.shape[-2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    tokens = ours.generate(ids, **kwargs)
+    groups = ours.config.num_attention_heads // ours.config.num_key_value_heads
+    layers = ours.config.num_hidden_layers
+    assert query_rows == [9] * layers + [groups] * layers * 5  # the prompt, then 5 one-token steps, heads packed
+    monkeypatch.undo()
+    assert torch.equal(tokens, as_model_classes(ours).generate(ids, **kwargs))
 
 
 @pytest.mark.skipif(not ONEDNN_LINEAR_AVAILABLE, reason="oneDNN linear is used on x86 builds with mkldnn only")

@@ -314,10 +314,7 @@ class ZayaAttention(nn.Module):
         batch, _, seq_len, _ = query.shape
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
+        attn_output, attn_weights = self.attention_function()(
             self,
             query,
             key,
@@ -329,6 +326,10 @@ class ZayaAttention(nn.Module):
             **kwargs,
         )
         return self.o_proj(attn_output.reshape(batch, seq_len, -1)), attn_weights
+
+    def attention_function(self) -> Callable:
+        """The configured attention implementation (`config._attn_implementation`) from transformers' registry."""
+        return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
 
 
 class ZayaResidualScaling(nn.Module):

@@ -18,10 +18,10 @@ back when the module moves to another device); the model's own forwards stay the
   `experts_implementation="zaya_by_expert"`): each used expert's tokens as one product pair through `cpu_linear`,
   so that bf16 prefill on CPUs without native bf16 kernels gets fp32 GEMMs. Opt in because a model asked for
   `grouped_mm` must run `grouped_mm` (transformers' own tests check it is called).
-* `packed_gqa_sdpa`, the attention implementation `"zaya_sdpa"` (opt in: `attn_implementation="zaya_sdpa"`): one-token
-  steps pass the G query heads of each KV head as G query rows of it, where torch's CPU SDPA with `enable_gqa` runs
-  one query row per (batch, head) block, its slowest case. The kernel then splits the keys differently, so results
-  can differ from `"sdpa"` by an ulp.
+* `CPUAttention`: under `"sdpa"`, an eager one-token step passes the G query heads of each KV head as G query rows of
+  it (`packed_gqa_sdpa`), as transformers' SDPA does when the step has a mask; without one transformers asks torch
+  for `enable_gqa`, whose CPU kernel runs one query row per (batch, head) block, its slowest case (measured:
+  benchmarks/bench_long_context.py). Against `enable_gqa` the keys are summed in another order: an ulp apart.
 """
 
 import platform
@@ -33,11 +33,10 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..modeling_zaya import ZayaCCAProjection, ZayaDecoderLayer, ZayaExperts
+from ..modeling_zaya import ZayaAttention, ZayaCCAProjection, ZayaDecoderLayer, ZayaExperts
 from .thresholds import (
     COMPILED_MATVEC_MAX_ROWS,
     FP32_GEMM_BLOCK_ELEMENTS,
@@ -326,8 +325,19 @@ def packed_gqa_sdpa(
     return output.reshape(batch, 1, heads, head_dim), None  # [B, K, G, D] is [B, 1, H, D] in memory
 
 
+class CPUAttention(ZayaAttention):
+    """Attention with eager one-token `"sdpa"` steps packed per KV head (`packed_gqa_sdpa`), mask or not. Compiled
+    graphs keep transformers' SDPA, which they were measured with."""
+
+    def attention_function(self) -> Callable:
+        if self.config._attn_implementation == "sdpa" and not torch.compiler.is_compiling():
+            return packed_gqa_sdpa
+        return super().attention_function()
+
+
 CPU_FORWARDS: dict[type, type] = {
     nn.Linear: CPULinear,
+    ZayaAttention: CPUAttention,
     ZayaCCAProjection: CPUCCAProjection,
     ZayaExperts: CPUExperts,
     ZayaDecoderLayer: CPUDecoderLayer,
@@ -349,5 +359,4 @@ def install_cpu_forwards(model: nn.Module) -> None:
             module.__class__ = _MODEL_CLASSES[kind]
 
 
-AttentionInterface.register("zaya_sdpa", packed_gqa_sdpa)
 ALL_EXPERTS_FUNCTIONS.register("zaya_by_expert", by_expert_experts_forward)

@@ -36,6 +36,7 @@ FP32_GEMM_BLOCK_ELEMENTS = 256 * 1024
 # embedded model batch 1 41.6 tok/s with the rule vs 2.8 without (one thread throughout: 35.2); bench-small fp32
 # batch 1 6.6 vs 1.9 (13.1). At batch 16 the busy machine favoured one thread throughout (embedded 336.6 vs 66.3,
 # bench-small 88.5 vs 14.7), which the size rule does not reach: the batch's prompt (and, for the embedded model,
-# the ops outside the layers) keep both threads. No quiet-machine run of this benchmark is recorded, so whether two
-# threads win anywhere on a quiet machine is unmeasured. On a shared machine, OMP_NUM_THREADS=1 for small models.
+# the ops outside the layers) keep both threads. On the quiet machine (benchmarks/results/bench_threads_quiet.json) the
+# rule cost up to 19% (embedded batch 16: 462.3 vs 569.6) and gained 25% at bench-small batch 1 (16.3 vs 13.0): small
+# beside the busy machine's gains, so it stays. On a shared machine, OMP_NUM_THREADS=1 for small models.
 PARALLEL_MIN_MULTIPLY_ADDS = 8 * 1024 * 1024
