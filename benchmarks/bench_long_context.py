@@ -10,7 +10,7 @@ then timed over `--steps` one-token steps. zaya_hf runs on the `ZayaCache` its `
 the call's length, as `generate()` does), transformers on its `DynamicCache`; both with "sdpa" attention (zaya_hf's
 CPU steps pack the query heads per KV head, transformers' ask torch for `enable_gqa` when there is no mask). A second config with every layer
 `hybrid_sliding` (window `--sliding-window`) shows zaya_hf's cache and step staying at the window's size
-(transformers' ZAYA has no sliding-window layers). Prints one JSON line (and writes it to `--output`).
+(zaya_hf only: it checks zaya_hf's cache, not a comparison). Prints one JSON line (and writes it to `--output`).
 
     python benchmarks/bench_long_context.py [--layers 2] [--context 0 8192 32768] [--threads 2] [--output ...]
 """
