@@ -26,6 +26,7 @@ from transformers import CompileConfig
 from zaya_hf import ZayaConfig, ZayaForCausalLM, default_model_path
 from zaya_hf.bench import build_bench_small
 from zaya_hf.bench.decode import generate_fn, median_times
+from zaya_hf.bench.record import machine
 from zaya_hf.quantization import ZayaQuantizationConfig
 
 COMMAND = " ".join(["python", *sys.argv])
@@ -142,7 +143,7 @@ def run_speed(args) -> None:
         models = load_all(folder)
     vocab = models["bf16"].config.vocab_size
     compile_kwargs = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=True, dynamic=False)}
-    result = {"command": COMMAND, "model": args.model, "torch_threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
+    result = {"command": COMMAND, "machine": machine(), "model": args.model, "torch_threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "load_average_1min_at_start": os.getloadavg()[0]}
     probe = torch.randint(1, vocab, (16, args.prompt_tokens), generator=torch.Generator().manual_seed(args.seed))
     result.update(expert_usage(models["bf16"], [probe]))

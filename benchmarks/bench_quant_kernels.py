@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from bench_cpu_ops import median_ms  # benchmarks/ is on the path of a script run from it
 
+from zaya_hf.bench.record import machine
 from zaya_hf.quantization import formats
 from zaya_hf.quantization.formats import QuantSpec
 
@@ -31,7 +32,7 @@ def main() -> None:
     command = " ".join(["python", *sys.argv])
     for name, (rows, cols) in SHAPES.items():
         weight = torch.randn(rows, cols).mul_(0.02).to(torch.bfloat16)
-        record = {"command": command, "shape": name, "out_features": rows, "in_features": cols,
+        record = {"command": command, "machine": machine(), "shape": name, "out_features": rows, "in_features": cols,
                   "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]}
         for act_dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(1, cols, dtype=act_dtype)

@@ -127,16 +127,19 @@ class _ExpertRecorder:
 ZAYA_HF_EXPERTS_IMPLEMENTATION = "zaya_by_expert"
 
 
-def _load(implementation: str, checkpoint: str):
+def _load(implementation: str, checkpoint: str, prepack: bool = False):
+    """`prepack`: zaya_hf's weights prepacked for oneDNN after loading (`zaya_hf.ops.prepack_for_cpu_inference`)."""
     if implementation == "zaya_hf":
         from zaya_hf import ZayaForCausalLM
+        from zaya_hf.ops import prepack_for_cpu_inference
 
-        options = {"experts_implementation": ZAYA_HF_EXPERTS_IMPLEMENTATION}
-    else:
-        from transformers.models.zaya.modeling_zaya import ZayaForCausalLM
+        model = ZayaForCausalLM.from_pretrained(
+            checkpoint, dtype=torch.bfloat16, experts_implementation=ZAYA_HF_EXPERTS_IMPLEMENTATION
+        ).eval()
+        return prepack_for_cpu_inference(model) if prepack else model
+    from transformers.models.zaya.modeling_zaya import ZayaForCausalLM
 
-        options = {}
-    return ZayaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, **options).eval()
+    return ZayaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
 
 
 def _peak_rss_bytes() -> int:
@@ -172,10 +175,10 @@ def _prefill(model, recorder, tokens: int, seed: int) -> dict:
     return {"seconds": seconds, "expert_usage": recorder.usage()}
 
 
-def worker(implementation: str, checkpoint: str, threads: int) -> None:
+def worker(implementation: str, checkpoint: str, threads: int, prepack: bool = False) -> None:
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = _load(implementation, checkpoint)
+    model = _load(implementation, checkpoint, prepack)
     reply = {"load_seconds": time.perf_counter() - start, "peak_rss_bytes_after_load": _peak_rss_bytes(),
              "threads": torch.get_num_threads()}
     recorder = _ExpertRecorder(model, model.config.num_experts)
@@ -200,10 +203,10 @@ def worker(implementation: str, checkpoint: str, threads: int) -> None:
 class Worker:
     """One implementation in its own process (`worker`), asked one command at a time."""
 
-    def __init__(self, implementation: str, checkpoint: Path, threads: int):
+    def __init__(self, implementation: str, checkpoint: Path, threads: int, prepack: bool = False):
         self.implementation = implementation
         command = [sys.executable, "-m", "zaya_hf.bench.real_size", "--worker", implementation,
-                   "--checkpoint", str(checkpoint), "--threads", str(threads)]
+                   "--checkpoint", str(checkpoint), "--threads", str(threads)] + (["--prepack"] if prepack else [])
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.loaded = self.read()
@@ -253,18 +256,21 @@ def run_real_size_benchmark(
     repeats: int = 3,
     prefill_tokens: tuple[int, ...] = (512, 4096),
     prefill_repeats: int = 1,
+    prepack: bool = False,
     log=lambda message: print(message, file=sys.stderr, flush=True),
 ) -> dict:
+    """The measurements of the module doc, as one dict; `prepack`: zaya_hf with `prepack_for_cpu_inference`."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     config = zaya1_8b_config(layers)
     folder = checkpoint_for(Path(folder), layers)
     warm_page_cache(folder)
     result: dict = {"config": "ZAYA1-8B", "layers": layers, "of_layers": 40, "dtype": "bfloat16", "device": "cpu",
-                    "threads": threads, "zaya_hf_experts_implementation": ZAYA_HF_EXPERTS_IMPLEMENTATION}
+                    "threads": threads, "zaya_hf_prepacked": prepack,
+                    "zaya_hf_experts_implementation": "zaya_prepacked" if prepack else ZAYA_HF_EXPERTS_IMPLEMENTATION}
     bandwidths, loads = [read_bandwidth()], [os.getloadavg()[0]]
     log(f"read bandwidth {bandwidths[-1] / 1e9:.2f} GB/s; loading the workers")
-    workers = {name: Worker(name, folder, threads) for name in IMPLEMENTATIONS}
+    workers = {name: Worker(name, folder, threads, prepack and name == "zaya_hf") for name in IMPLEMENTATIONS}
     for name, worker in workers.items():
         result[f"{name}_load_seconds"] = round(worker.loaded["load_seconds"], 2)
         result[f"{name}_peak_rss_bytes_after_load"] = worker.loaded["peak_rss_bytes_after_load"]
@@ -329,10 +335,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--prepack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is None:
         raise SystemExit("Run benchmarks/bench_real_size.py; this module's command line is its worker process.")
-    worker(args.worker, args.checkpoint, args.threads)
+    worker(args.worker, args.checkpoint, args.threads, args.prepack)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,24 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    """Which CPU a run measured: recorded runs come from more than one machine, and ratios move with the CPU (its
+    vector units decide how fast torch's bf16 and int8 products are, its memory how fast weights stream)."""
+    model_name = "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model_name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                              model_name)
+    except OSError:
+        pass
+    return {"cpu": model_name, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count()}
 
 
 def command_line(script: str, args: argparse.Namespace) -> str:
@@ -21,8 +37,10 @@ def command_line(script: str, args: argparse.Namespace) -> str:
 
 
 def emit(result: dict, script: str, args: argparse.Namespace, output: Path | None = None) -> None:
-    """Add the command to `result`, print it as one JSON line and, given `output`, write the line there too."""
+    """Add the command and the machine to `result`, print it as one JSON line and, given `output`, write the line
+    there too."""
     result["command"] = command_line(script, args)
+    result["machine"] = machine()
     line = json.dumps(result)
     print(line, file=sys.stdout, flush=True)
     if output is not None:

@@ -281,12 +281,21 @@ class CPUExperts(ZayaExperts):
         return (output * weights).to(hidden_states.dtype)
 
 
-def by_expert_experts_forward(
-    module: ZayaExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+def experts_one_by_one(
+    module: ZayaExperts,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: Callable[[torch.Tensor, int], torch.Tensor],
+    down: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> torch.Tensor:
-    """The tokens of each used expert as one product pair (`cpu_linear`: fp32 GEMMs from `FP32_GEMM_MIN_ROWS`
-    rows without native bf16 kernels), in expert order, scattered back: `hidden_states` [N, d], `top_k_index` and
-    `top_k_weights` [N, 1] (top-1; skip-class tokens come as expert 0 with weight 0)."""
+    """The tokens of each used expert as one product pair, `gate_up(x, expert)` and `down(x, expert)`, in expert
+    order, scattered back: `hidden_states` [N, d], `top_k_index` and `top_k_weights` [N, 1] (top-1; skip-class
+    tokens come as expert 0 with weight 0). One token (a decode step at batch 1) goes straight to its expert."""
+    if hidden_states.shape[0] == 1:
+        expert = top_k_index[0, 0].item()
+        gate, up = gate_up(hidden_states, expert).chunk(2, dim=-1)
+        return (down(module.act_fn(gate) * up, expert) * top_k_weights).to(hidden_states.dtype)
     expert_of_token = top_k_index[:, 0]
     counts = torch.bincount(expert_of_token, minlength=module.num_experts).tolist()
     order = torch.argsort(expert_of_token, stable=True)
@@ -295,14 +304,24 @@ def by_expert_experts_forward(
     for expert, count in enumerate(counts):
         if count:
             tokens = order[start : start + count]
-            gate_up = cpu_linear(hidden_states[tokens], module.gate_up_proj[expert], bf16_through_fp32=True)
-            gate, up = gate_up.chunk(2, dim=-1)
-            product = cpu_linear(module.act_fn(gate) * up, module.down_proj[expert], bf16_through_fp32=True)
-            sorted_output[start : start + count] = product * top_k_weights[tokens]
+            gate, up = gate_up(hidden_states[tokens], expert).chunk(2, dim=-1)
+            sorted_output[start : start + count] = down(module.act_fn(gate) * up, expert) * top_k_weights[tokens]
             start += count
     output = torch.empty_like(hidden_states)
     output[order] = sorted_output  # back to token order
     return output
+
+
+def by_expert_experts_forward(
+    module: ZayaExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`experts_one_by_one` through `cpu_linear`: fp32 GEMMs from `FP32_GEMM_MIN_ROWS` rows without native bf16
+    kernels."""
+    return experts_one_by_one(
+        module, hidden_states, top_k_index, top_k_weights,
+        lambda x, expert: cpu_linear(x, module.gate_up_proj[expert], bf16_through_fp32=True),
+        lambda x, expert: cpu_linear(x, module.down_proj[expert], bf16_through_fp32=True),
+    )
 
 
 def packed_gqa_sdpa(
