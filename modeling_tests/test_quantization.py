@@ -73,12 +73,12 @@ def test_checkpoint_layout_is_compressed_tensors_pack_quantized_and_kernel_layou
     if spec.bits == 4:
         torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[0].int() + 8, 1)
         assert torch.equal(kernel_q[0], torch_packed)
-    back_q, back_scale = formats.from_kernel_layout(kernel_q, kernel_scale, spec)
+    back_q, back_scale = formats.from_kernel_layout(kernel_q, kernel_scale, spec, 64)
     assert torch.equal(back_q, q) and torch.equal(back_scale, scale)
     # The kernel computes x @ (q * scale).T, up to bf16 rounding of its output.
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     expected = x.float() @ formats.dequantize(q[1], scale[1], torch.float32).T
-    torch.testing.assert_close(formats.kernel_linear(x, kernel_q[1], kernel_scale[1], spec).float(), expected,
+    torch.testing.assert_close(formats.kernel_linear(x, kernel_q[1], kernel_scale[1], spec, 64).float(), expected,
                                atol=0.05 * expected.abs().max().item(), rtol=0.02)
 
 
@@ -211,9 +211,11 @@ def test_shapes_the_format_cannot_hold_raise_naming_the_tensor_before_anything_i
     with pytest.raises(QuantizationFormatError, match="not divisible by group_size=64"):
         quantize_checkpoint(path, tmp_path / "out", ZayaQuantizationConfig(bits=4, group_size=64))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no output, no partial folder
-    # The router's 5-class output layer has too few rows for the int4 CPU kernel when routers are quantized too.
-    with pytest.raises(QuantizationFormatError, match=r"router_mlp\.out_proj\.weight: 5 output rows"):
-        load(embedded, bits=4, group_size=32, modules_to_not_convert=[])
+    # The router's 5-class output layer is fewer rows than the int4 kernel's block: padded in the kernel layout only.
+    routers_too = load(embedded, bits=4, group_size=32, modules_to_not_convert=[])
+    out_proj = routers_too.model.layers[0].mlp.gate.router_mlp.out_proj
+    assert out_proj.rows["weight"] == 5 and out_proj.weight.shape[0] == formats.int4_padded_rows(5)
+    assert out_proj(torch.randn(1, out_proj.weight_shape[-1].item(), dtype=torch.bfloat16)).shape == (1, 5)
 
 
 def test_a_quantized_checkpoint_that_disagrees_with_its_config_raises_naming_the_tensor(embedded, tmp_path):

@@ -58,7 +58,9 @@ def test_sharded_checkpoint_resumes_bit_identically(two_ranks):
 def test_two_ranks_match_one_rank(two_ranks, tmp_path):
     [one] = launch(tmp_path, 1, "--fp32-only")
     sharded, single = two_ranks[0]["fp32"]["state_dict"], one["fp32"]["state_dict"]
-    assert torch.equal(two_ranks[0]["fp32"]["biases"][-1], one["fp32"]["biases"][-1])
+    # The biases follow the all-reduced expert loads; the PID update's float arithmetic may round an ulp apart
+    # between one rank and two (seen on an AVX-512 CPU), like the weights below.
+    torch.testing.assert_close(two_ranks[0]["fp32"]["biases"][-1], one["fp32"]["biases"][-1], atol=1e-6, rtol=0)
     assert sharded.keys() == single.keys()
     for name, tensor in sharded.items():
         torch.testing.assert_close(tensor, single[name], atol=ONE_RANK_ATOL, rtol=0, msg=name)

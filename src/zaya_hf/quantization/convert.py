@@ -142,7 +142,8 @@ def write_quantized_shards(files: list[Path], staging: Path, targets: dict[str, 
 def weight_footprint(config: ZayaConfig, qconfig: ZayaQuantizationConfig | None,
                      dtype_bytes: int = 2) -> dict[str, int]:
     """Bytes of the weights of a model of `config` (in a `dtype_bytes` dtype) quantized with `qconfig` (None:
-    not quantized): as held in memory (int4's kernel layout keeps a zero beside every scale) and as stored. A tied
+    not quantized): as held in memory (int4's kernel layout keeps a zero beside every scale and pads the rows to its block) and as
+    stored. A tied
     head counts once: it is the embedding's table (bf16 or quantized) or, beside a bf16 embedding, a quantized
     tensor of its own."""
     model = meta_model(config)
@@ -160,7 +161,9 @@ def weight_footprint(config: ZayaConfig, qconfig: ZayaQuantizationConfig | None,
         integers = torch.Size(shape).numel() * spec.bits // 8
         scales = torch.Size(spec.scale_shape(shape)).numel() * dtype_bytes
         stored += len(names) * (integers + scales)
-        memory += len(names) * (integers + scales * (2 if spec.bits == 4 else 1))
+        held_integers, _, held_scales = spec.stored(shape, kernel_layout=True)  # int4: rows padded to the block
+        held = torch.Size(held_integers).numel() + torch.Size(held_scales).numel() * dtype_bytes
+        memory += len(names) * held
     return {"memory_bytes": memory, "checkpoint_bytes": stored}
 
 

@@ -8,7 +8,9 @@
 * The kernel layout is what torch's CPU kernels read: int8 `[..., N, K]` with scales `[..., N]` for
   `torch._weight_int8pack_mm`, and for `torch._weight_int4pack_mm_for_cpu` the unsigned nibbles of each block of
   `INT4_BLOCK_N` output rows interleaved (`[..., N, K / 2]` uint8; see `pack_int4_kernel`) with
-  `scale_and_zero` `[..., K / group_size, N, 2]` (zero 0: the kernel computes (u - 8) * scale + zero).
+  `scale_and_zero` `[..., K / group_size, N, 2]` (zero 0: the kernel computes (u - 8) * scale + zero). The block
+  is 32 rows with AVX2 and 64 with AVX-512, so N is padded with zero rows to a whole block in this layout only
+  (`int4_padded_rows`); products and conversions back cut the padding off.
 
 Both conversions are exact permutations of the same integers, so quantize -> save -> load is bit-identical.
 """
@@ -56,11 +58,6 @@ class QuantSpec:
                 f"{name}: {in_features} input features do not fill whole int32 words of {words} {self.bits}-bit "
                 f"values (shape {tuple(shape)})."
             )
-        if self.bits == 4 and out_features % int4_block_n():
-            raise QuantizationFormatError(
-                f"{name}: {out_features} output rows are not a multiple of {int4_block_n()}, the row block of torch's "
-                f"int4 CPU kernel (shape {tuple(shape)}); use bits=8 for it, or exclude it with modules_to_not_convert."
-            )
 
     def packed_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape[:-1], shape[-1] * self.bits // 32)
@@ -76,7 +73,8 @@ class QuantSpec:
             return self.packed_shape(shape), torch.int32, self.scale_shape(shape)
         if self.bits == 8:
             return tuple(shape), torch.int8, (*lead, rows)
-        return (*lead, rows, cols // 2), torch.uint8, (*lead, self.groups(cols), rows, 2)
+        padded = int4_padded_rows(rows)
+        return (*lead, padded, cols // 2), torch.uint8, (*lead, self.groups(cols), padded, 2)
 
 
 def quantize(weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +138,19 @@ def unpack_int4_kernel(packed: torch.Tensor) -> torch.Tensor:
     return (unsigned - 8).view(torch.int8)
 
 
+def int4_padded_rows(rows: int) -> int:
+    """`rows` rounded up to whole blocks of the int4 kernel layout."""
+    return -(-rows // int4_block_n()) * int4_block_n()
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int, value: float) -> torch.Tensor:
+    """`tensor` [..., N, C] with rows of `value` appended up to `rows`."""
+    missing = rows - tensor.shape[-2]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_full((*tensor.shape[:-2], missing, tensor.shape[-1]), value)], dim=-2)
+
+
 @cache
 def int4_block_n() -> int:
     """The output-row block of `torch._convert_weight_to_int4pack_for_cpu` on this machine (32 with AVX2): the
@@ -168,14 +179,17 @@ def to_kernel_layout(q: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> t
     """(q [..., N, K], scale [..., N, G]) -> the tensors torch's CPU kernel for `spec` reads."""
     if spec.bits == 8:
         return q.contiguous(), scale[..., 0].contiguous()
-    return pack_int4_kernel(q), scale_and_zero(scale)
+    padded = int4_padded_rows(q.shape[-2])
+    return pack_int4_kernel(_pad_rows(q, padded, 0)), scale_and_zero(_pad_rows(scale, padded, 1))
 
 
-def from_kernel_layout(packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of `to_kernel_layout`: (q [..., N, K], scale [..., N, G])."""
+def from_kernel_layout(packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec,
+                       rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `to_kernel_layout` for a weight of `rows` output rows: (q [..., N, K], scale [..., N, G])."""
     if spec.bits == 8:
         return packed, kernel_scale[..., None]
-    return unpack_int4_kernel(packed), kernel_scale[..., 0].transpose(-1, -2).contiguous()
+    scale = kernel_scale[..., 0].transpose(-1, -2)[..., :rows, :].contiguous()
+    return unpack_int4_kernel(packed)[..., :rows, :].contiguous(), scale
 
 
 def kernel_rows(packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec,
@@ -193,15 +207,16 @@ def kernel_rows(packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpe
     return (unsigned - 8).to(torch.int8), kernel_scale[..., 0][:, index].movedim(0, -1)
 
 
-def kernel_linear(x: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """`x` [..., K] times the quantized weight [N, K] (kernel layout) -> [..., N], read by torch's CPU kernel.
+def kernel_linear(x: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Tensor, spec: QuantSpec,
+                  out_features: int) -> torch.Tensor:
+    """`x` [..., K] times the quantized weight [N = `out_features`, K] (kernel layout) -> [..., N], read by torch's CPU kernel.
     Compiled graphs call the kernel as an opaque op: Inductor's own lowering of it rounds differently."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     if torch.compiler.is_compiling():
         out = quantized_matmul_op(rows, packed, kernel_scale, spec.bits, spec.group_size or 0)
     else:
         out = quantized_matmul(rows, packed, kernel_scale, spec.bits, spec.group_size or 0)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out[:, :out_features].reshape(*x.shape[:-1], out_features)
 
 
 def quantized_matmul(rows: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Tensor, bits: int,
@@ -228,6 +243,7 @@ __all__ = [
     "dequantize",
     "from_kernel_layout",
     "int4_block_n",
+    "int4_padded_rows",
     "kernel_linear",
     "kernel_rows",
     "quantized_matmul",

@@ -35,6 +35,7 @@ class QuantizedWeights(nn.Module):
         super().__init__()
         self.spec = spec
         self.in_kernel_layout = kernel_layout
+        self.rows = {name: shape[-2] for name, shape in shapes.items()}  # output rows (the kernel layout may pad)
         for name, shape in shapes.items():
             integers_shape, integers_dtype, scale_shape = spec.stored(shape, kernel_layout)
             self.register_buffer(name, torch.empty(integers_shape, dtype=integers_dtype))
@@ -59,7 +60,8 @@ class QuantizedWeights(nn.Module):
     def quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [..., N, K], scale [..., N, G]) of weight `name`, whatever layout it is held in."""
         if self.in_kernel_layout:
-            return formats.from_kernel_layout(getattr(self, name), getattr(self, f"{name}_scale"), self.spec)
+            return formats.from_kernel_layout(getattr(self, name), getattr(self, f"{name}_scale"), self.spec,
+                                              self.rows[name])
         return formats.unpack_int32(getattr(self, name), self.spec.bits), getattr(self, f"{name}_scale")
 
     def dequantized(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -140,7 +142,7 @@ def quantized_linear(x: torch.Tensor, module: QuantizedWeights, bias: torch.Tens
     before the kernel layout), the dequantized weight."""
     if not module.in_kernel_layout or not kernels_apply(x):
         return F.linear(x, module.dequantized("weight", x.dtype), bias)
-    out = formats.kernel_linear(x, module.weight, module.weight_scale, module.spec)
+    out = formats.kernel_linear(x, module.weight, module.weight_scale, module.spec, module.rows["weight"])
     return out if bias is None else out + bias
 
 
@@ -219,20 +221,24 @@ def top1_experts(
 ) -> torch.Tensor:
     """Top-1 SwiGLU experts on kernel-layout weights: `hidden_states` [N, d], `expert_index` [N], `routing_weights`
     [N, 1] -> [N, d]. Tokens are grouped by expert and each group multiplies its expert's matrices in place (a view
-    of the stacked [E, ...] buffers); `group_size` 0 is per channel."""
+    of the stacked [E, ...] buffers); `group_size` 0 is per channel. Products are cut to their true widths (the
+    int4 kernel layout may pad the rows: `formats.int4_padded_rows`)."""
     act_fn = _activation(activation)
+    hidden = hidden_states.shape[-1]
+    gate_up_rows = 2 * (down.shape[-1] * 2 if bits == 4 else down.shape[-1])  # 2I: down's input features, twice
     if hidden_states.shape[0] == 1:
         expert = int(expert_index[0])
-        gate, up = quantized_matmul(hidden_states, gate_up[expert], gate_up_scale[expert], bits, group_size).chunk(2, -1)
-        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)
+        gate_up_out = quantized_matmul(hidden_states, gate_up[expert], gate_up_scale[expert], bits, group_size)
+        gate, up = gate_up_out[:, :gate_up_rows].chunk(2, -1)
+        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)[:, :hidden]
         return (out * routing_weights).to(hidden_states.dtype)
     output = torch.zeros_like(hidden_states)
     order = torch.argsort(expert_index, stable=True)
     experts, counts = torch.unique_consecutive(expert_index[order], return_counts=True)
     for expert, tokens in zip(experts.tolist(), order.split(counts.tolist())):
-        gate, up = quantized_matmul(hidden_states[tokens], gate_up[expert], gate_up_scale[expert], bits,
-                                 group_size).chunk(2, dim=-1)
-        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)
+        gate_up_out = quantized_matmul(hidden_states[tokens], gate_up[expert], gate_up_scale[expert], bits, group_size)
+        gate, up = gate_up_out[:, :gate_up_rows].chunk(2, dim=-1)
+        out = quantized_matmul(act_fn(gate) * up, down[expert], down_scale[expert], bits, group_size)[:, :hidden]
         output.index_copy_(0, tokens, (out * routing_weights[tokens]).to(output.dtype))
     return output
 
@@ -298,7 +304,7 @@ class QuantizedExperts(QuantizedWeights):
         """Expert `expert`'s dequantized `name` matrix."""
         packed, scale = getattr(self, name)[expert], getattr(self, f"{name}_scale")[expert]
         if self.in_kernel_layout:
-            q, scale = formats.from_kernel_layout(packed, scale, self.spec)
+            q, scale = formats.from_kernel_layout(packed, scale, self.spec, self.rows[name])
         else:
             q = formats.unpack_int32(packed, self.spec.bits)
         return formats.dequantize(q, scale, scale.dtype)
