@@ -7,7 +7,7 @@
   `[..., N, K / group_size]` (`[..., N, 1]` per channel) in the model's dtype; dequantized = q * scale.
 * The kernel layout is what torch's CPU kernels read: int8 `[..., N, K]` with scales `[..., N]` for
   `torch._weight_int8pack_mm`, and for `torch._weight_int4pack_mm_for_cpu` the unsigned nibbles of each block of
-  `INT4_BLOCK_N` output rows interleaved (`[..., N, K / 2]` uint8; see `pack_int4_kernel`) with
+  `int4_block_n()` output rows interleaved (`[..., N, K / 2]` uint8; see `pack_int4_kernel`) with
   `scale_and_zero` `[..., K / group_size, N, 2]` (zero 0: the kernel computes (u - 8) * scale + zero). The block
   is 32 rows with AVX2 and 64 with AVX-512, so N is padded with zero rows to a whole block in this layout only
   (`int4_padded_rows`); products and conversions back cut the padding off.
@@ -153,7 +153,7 @@ def _pad_rows(tensor: torch.Tensor, rows: int, value: float) -> torch.Tensor:
 
 @cache
 def int4_block_n() -> int:
-    """The output-row block of `torch._convert_weight_to_int4pack_for_cpu` on this machine (32 with AVX2): the
+    """The output-row block of `torch._convert_weight_to_int4pack_for_cpu` on this machine (32 with AVX2, 64 with AVX-512): the
     layout `pack_int4_kernel` writes is checked against torch's own packing, once per process."""
     generator = torch.Generator().manual_seed(0)
     for block in (32, 64):
