@@ -4,20 +4,19 @@
 Given a plain row-major bf16 weight, torch's `F.linear` on a CPU with native bf16 kernels (AVX512-BF16 or AMX) runs
 a decode step's matrix-vector products at well under the memory's read rate. Reordered once into oneDNN's own blocked
 layout (`torch.ops.mkldnn._reorder_linear_weight`, what Inductor's freezing pass does for compiled graphs), the same
-products read the weight about twice as fast and give bit-identical results (measured: `python
-benchmarks/bench_real_size.py --prepack`, recorded in benchmarks/results/). `prepack_for_cpu_inference(model)`
+products read the weight faster and give bit-identical results (`modeling_tests/test_prepacked.py`; the speed:
+`python benchmarks/bench_real_size.py --prepack`, recorded in benchmarks/results/). `prepack_for_cpu_inference(model)`
 does that for every bf16 `nn.Linear` and every expert matrix, in place, one weight at a time: the model then holds
 one copy of its weights in its own memory (plus, for a tied LM head, its prepacked copy beside the embedding table,
-which lookups still read). The checkpoint's memory-mapped shards stay mapped (small tensors loaded from them are still
-referenced), but their pages are not read again: clean page cache that the kernel takes back under pressure.
+which lookups still read). The checkpoint's memory-mapped shards stay mapped (the tensors left plain still reference
+them), but the prepacked weights' pages in them are not read again: clean page cache the kernel can take back.
 
 A prepacked weight is an opaque oneDNN tensor: no autograd, no `torch.compile`, no device moves, not a tensor a
 checkpoint can hold. So a prepacked model is for eager CPU inference only (`generate()`, the RSA engine, the
 server), and it refuses the rest with an error that says to load the checkpoint again: saving or any `state_dict()`,
-a forward that autograd would record, a compiled forward, a move to another device.
+a forward that autograd would record, a compiled forward, and inputs that are not bf16 on the CPU (which is what a
+model moved to another device or dtype sends: the prepacked weights do not move).
 """
-
-from itertools import chain
 
 import torch
 from torch import nn
@@ -130,8 +129,6 @@ def prepack_for_cpu_inference(model: nn.Module) -> nn.Module:
         _prepack_linear(module)
     for module in experts:
         _prepack_experts(module)
-    for tensor in chain(model.parameters(), model.buffers()):  # the rest out of the checkpoint's mapped files:
-        tensor.data = tensor.data.clone()  # their pages are not read again
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     return model.requires_grad_(False)  # so that forwards outside `no_grad` run too
 

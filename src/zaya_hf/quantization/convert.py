@@ -142,10 +142,9 @@ def write_quantized_shards(files: list[Path], staging: Path, targets: dict[str, 
 def weight_footprint(config: ZayaConfig, qconfig: ZayaQuantizationConfig | None,
                      dtype_bytes: int = 2) -> dict[str, int]:
     """Bytes of the weights of a model of `config` (in a `dtype_bytes` dtype) quantized with `qconfig` (None:
-    not quantized): as held in memory (int4's kernel layout keeps a zero beside every scale and pads the rows to its block) and as
-    stored. A tied
-    head counts once: it is the embedding's table (bf16 or quantized) or, beside a bf16 embedding, a quantized
-    tensor of its own."""
+    not quantized): as held in memory (int4's kernel layout keeps a zero beside every scale and pads the rows to its
+    block) and as stored. A tied head counts once: it is the embedding's table (bf16 or quantized) or, beside a bf16
+    embedding, a quantized tensor of its own."""
     model = meta_model(config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     written = quantized_tensor_names(model, qconfig) if qconfig is not None else {}  # {source: [quantized]}
