@@ -7,7 +7,12 @@ multiplying 1, 2 and 4 rows through MKL (`F.linear`), oneDNN (eager `cpu_linear`
 (`CPUExperts`); and one batch-16 decode step of attention (160 cached tokens) with `enable_gqa` (transformers'
 unmasked call) against packed query heads (`packed_gqa_sdpa`). fp32 and bf16; median milliseconds; one JSON line.
 
+`--prepack-rows` measures instead what `zaya_hf.ops.thresholds.PREPACK_ROWS` was chosen from (CPUs with native bf16
+kernels only): ZAYA1-8B's expert gate/up matrix (4096 x 2048, bf16) multiplying 1 to 4096 rows as a plain weight
+(`F.linear`) and prepacked for oneDNN with each candidate row count as the layout's hint.
+
     python benchmarks/bench_cpu_ops.py [--repeats 50]
+    python benchmarks/bench_cpu_ops.py --prepack-rows --output benchmarks/results/bench_prepack_rows.json
 """
 
 import argparse
@@ -16,13 +21,16 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from zaya_hf import ZayaConfig
 from zaya_hf.modeling_zaya import ZayaCCAProjection, ZayaExperts
-from zaya_hf.ops.cpu import CPUCCAProjection, CPUExperts, cpu_linear, packed_gqa_sdpa
+from zaya_hf.bench.record import emit
+from zaya_hf.ops.cpu import NATIVE_BF16_MATMUL, CPUCCAProjection, CPUExperts, cpu_linear, packed_gqa_sdpa
+from zaya_hf.ops.prepacked import prepack, prepacked_linear
 
 BENCH_SMALL = ZayaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16,
                          moe_intermediate_size=512, router_hidden_size=64, num_hidden_layers=1,
@@ -87,12 +95,37 @@ def decode_conv_and_expert(dtype: torch.dtype, repeats: int) -> dict:
     return result
 
 
+def prepack_rows(repeats: int) -> dict:
+    """Milliseconds of one product with the plain weight and with the weight prepacked for each hint, per row count
+    (fewer repeats for the larger products)."""
+    weight = torch.randn(4096, 2048, dtype=torch.bfloat16)
+    hints = (1, 16, 64, 256, 1024, 4096)
+    prepacked = {hint: prepack(weight, hint) for hint in hints}
+    result = {}
+    for rows in (1, 4, 16, 64, 256, 1024, 4096):
+        x = torch.randn(rows, 2048, dtype=torch.bfloat16)
+        times = max(5, repeats * 16 // max(rows, 16))
+        result[f"rows{rows}_f_linear_ms"] = median_ms(lambda: F.linear(x, weight), times)
+        for hint, packed in prepacked.items():
+            result[f"rows{rows}_prepacked_for{hint}_ms"] = median_ms(lambda: prepacked_linear(x, packed), times)
+    return result
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--prepack-rows", action="store_true", help="only the prepack layout hint sweep (above)")
+    parser.add_argument("--output", type=Path, default=None, help="with --prepack-rows: also write the JSON line here")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.prepack_rows:
+        if not NATIVE_BF16_MATMUL:
+            parser.error("--prepack-rows needs a CPU with native bf16 kernels (AVX512-BF16 or AMX)")
+        result = {"torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0],
+                  **prepack_rows(args.repeats), "load_average_1min_at_end": os.getloadavg()[0]}
+        emit(result, "benchmarks/bench_cpu_ops.py", args, args.output)
+        return
     result = {"command": f"python benchmarks/bench_cpu_ops.py --repeats {args.repeats}",
               "torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0]}
     for dtype in (torch.float32, torch.bfloat16):

@@ -24,6 +24,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..modeling_zaya import ZayaExperts
 from .cpu import NATIVE_BF16_MATMUL, CPUDecoderLayer, CPULinear, experts_one_by_one, intra_op_threads
+from .thresholds import PREPACK_ROWS
 
 EXPERTS_IMPLEMENTATION = "zaya_prepacked"
 
@@ -53,9 +54,10 @@ def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def prepack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [n, k] in oneDNN's layout for products of few rows (a decode step's)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+def prepack(weight: torch.Tensor, rows: int = PREPACK_ROWS) -> torch.Tensor:
+    """`weight` [n, k] in the layout oneDNN picks for products of `rows` rows (the default: `PREPACK_ROWS`, which
+    serves a decode step's few rows and a prefill's thousands alike)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
 class PrepackedLinear(CPULinear):

@@ -1,8 +1,8 @@
 # Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
 """Every size threshold of zaya_hf's fast paths, in one place.
 
-Each was chosen from measurements on the project's CPU machine (a 2-core AMD EPYC VM); the per-op runs behind them
-are `python benchmarks/bench_cpu_ops.py` (recorded: benchmarks/results/bench_cpu_ops.json).
+Each was chosen from measurements on the project's CPU machine (a 2-core AMD EPYC VM, unless it says otherwise); the
+per-op runs behind them are `python benchmarks/bench_cpu_ops.py` (recorded: benchmarks/results/bench_cpu_ops.json).
 """
 
 import torch
@@ -40,3 +40,11 @@ FP32_GEMM_BLOCK_ELEMENTS = 256 * 1024
 # rule cost up to 19% (embedded batch 16: 462.3 vs 569.6) and gained 25% at bench-small batch 1 (16.3 vs 13.0): small
 # beside the busy machine's gains, so it stays. On a shared machine, OMP_NUM_THREADS=1 for small models.
 PARALLEL_MIN_MULTIPLY_ADDS = 8 * 1024 * 1024
+
+# Weights prepacked for oneDNN (`ops.prepacked.prepack_for_cpu_inference`) are laid out for products of this many
+# rows. oneDNN picks the blocked layout by the row count it is told to expect: laid out for 1 row, products of 256
+# rows and more ran 13-17% slower than with the plain weight (a prefill's), while the layout for 256 rows multiplies
+# 1-16 rows (decode) as fast as the 1-row layout and 64-4,096 rows faster than or about as fast as the plain weight.
+# Measured on a 2-core Xeon with AMX (`python benchmarks/bench_cpu_ops.py --prepack-rows`, recorded:
+# benchmarks/results/bench_prepack_rows.json).
+PREPACK_ROWS = 256
