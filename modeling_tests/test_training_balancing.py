@@ -222,3 +222,17 @@ def test_resume_from_checkpoint_continues_the_controller(tmp_path, restore_flag)
             torch.testing.assert_close(resumed_callback.balancer.state_dict()[key], value, msg=key)
     for ours, theirs in zip(zaya_routers(resumed.model), zaya_routers(straight.model)):
         torch.testing.assert_close(ours.balancing_biases, theirs.balancing_biases)
+
+
+@torch.no_grad()
+def test_generation_in_training_mode_leaves_the_balancer_counts_as_they_were():
+    """An RL trainer generates its rollouts in training mode: generation has no mask for the padding of rows that
+    already finished, and the loss forward counts the same tokens with their mask, so generate() must not count."""
+    model = tiny_model().train()
+    ids = StrideCorpus(2, seed=3).input_ids[:, :8]
+    collect_router_loads(model)
+    model(ids)  # a training-mode forward counts
+    counted = collect_router_loads(model, reset=False).clone()
+    assert counted.sum() == len(zaya_routers(model)) * ids.numel()
+    model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(collect_router_loads(model), counted)

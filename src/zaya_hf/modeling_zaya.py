@@ -1052,6 +1052,21 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin, ZayaGenerationMixin)
             router_logits=outputs.router_logits,
         )
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, which leaves the routers' balancer counts as they were. Rollouts generated in
+        training mode (an RL trainer's) would otherwise be counted, the padding of rows that already finished
+        included (generation has no mask for it), and the trainer's loss forward counts the same tokens again with
+        their mask."""
+        routers = [module for module in self.modules() if isinstance(module, ZayaRouter)]
+        counts = [(router.load_counts, router.margin_sum) for router in routers]
+        for router in routers:
+            router.load_counts = router.margin_sum = None
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for router, (load_counts, margin_sum) in zip(routers, counts):
+                router.load_counts, router.margin_sum = load_counts, margin_sum
+
     def _prepare_model_inputs(self, inputs, bos_token_id, model_kwargs):
         """generate() hook, once per call: the prompt is checked before transformers indexes into it."""
         inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)

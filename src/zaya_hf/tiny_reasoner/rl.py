@@ -43,7 +43,8 @@ class RLRecipe:
     raise_attempts: int = 128
     # The bias balancer keeps running, with a gentler integral gain than supervised training's ki=1: on the shipped
     # model (expert load imbalance 2.2-3.2 after supervised training) ki=1 re-balanced the routers within a few
-    # steps and the solve rate fell from 17% to 0% by step 12 (benchmarks/results/grpo_balancer_gain.json).
+    # steps and the solve rate fell from 17% to 0% by step 12 (benchmarks/results/grpo_balancer_gain.json; measured while
+    # the routers also counted the rollouts' padding, fixed since in `ZayaForCausalLM.generate`).
     bias_balancing: bool = True
     balancer_ki: float = 0.05
     # LoRA on these `zaya_hf.training.lora_config` targets instead of full weights (None: full weights)
