@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from zaya_hf import ZayaConfig
 from zaya_hf.modeling_zaya import ZayaCCAProjection, ZayaExperts
-from zaya_hf.bench.record import emit
+from zaya_hf.bench.record import emit, machine
 from zaya_hf.ops.cpu import NATIVE_BF16_MATMUL, CPUCCAProjection, CPUExperts, cpu_linear, packed_gqa_sdpa
 from zaya_hf.ops.prepacked import prepack, prepacked_linear
 
@@ -137,6 +137,7 @@ def main() -> None:
         }
         result.update({f"{name}_{key}": value for key, value in figures.items()})
     result["load_average_1min_at_end"] = os.getloadavg()[0]
+    result["machine"] = machine()
     print(json.dumps(result))
 
 

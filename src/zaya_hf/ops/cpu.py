@@ -45,9 +45,21 @@ from .thresholds import (
     PARALLEL_MIN_MULTIPLY_ADDS,
 )
 
-# oneDNN was measured on x86 (AMD EPYC) only; elsewhere (ARM: Accelerate / OpenBLAS) F.linear is left alone.
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# Large fp32 products go through oneDNN on x86 CPUs other than Intel's: there MKL, which F.linear's fp32 products use,
+# streamed large weights at about half oneDNN's rate (AMD EPYC, bench_cpu_ops.json), while on an Intel Xeon it was
+# the faster of the two (benchmarks/results/bench_cpu_ops_xeon.json). Elsewhere (ARM: Accelerate / OpenBLAS) F.linear
+# is left alone.
 ONEDNN_LINEAR_AVAILABLE = (
     platform.machine().lower() in ("x86_64", "amd64")
+    and _cpu_vendor() != "GenuineIntel"
     and torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )

@@ -7,9 +7,9 @@ per-op runs behind them are `python benchmarks/bench_cpu_ops.py` (recorded: benc
 
 import torch
 
-# fp32 CPU products whose weight has at least this many elements (1 MiB) run through oneDNN instead of MKL: MKL's
-# fp32 GEMV streams large weights at about half oneDNN's rate, but oneDNN pays more per call, so small weights that
-# stay in cache are faster through MKL.
+# fp32 CPU products whose weight has at least this many elements (1 MiB) run through oneDNN instead of MKL, on x86
+# CPUs other than Intel's (`ops.cpu.ONEDNN_LINEAR_AVAILABLE`): there MKL's fp32 GEMV streams large weights at about
+# half oneDNN's rate, but oneDNN pays more per call, so small weights that stay in cache are faster through MKL.
 ONEDNN_MIN_WEIGHT_ELEMENTS = 512 * 512
 
 # Inside a compiled CPU inference graph, products with at most this many rows of input per weight matrix (decode
