@@ -45,7 +45,9 @@ from .thresholds import (
     PARALLEL_MIN_MULTIPLY_ADDS,
 )
 
+
 def _cpu_vendor() -> str:
+    """The `vendor_id` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
