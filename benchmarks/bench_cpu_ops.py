@@ -16,7 +16,6 @@ kernels only): ZAYA1-8B's expert gate/up matrix (4096 x 2048, bf16) multiplying 
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from zaya_hf import ZayaConfig
 from zaya_hf.modeling_zaya import ZayaCCAProjection, ZayaExperts
-from zaya_hf.bench.record import emit, machine
+from zaya_hf.bench.record import emit
 from zaya_hf.ops.cpu import NATIVE_BF16_MATMUL, CPUCCAProjection, CPUExperts, cpu_linear, packed_gqa_sdpa
 from zaya_hf.ops.prepacked import prepack, prepacked_linear
 
@@ -116,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--prepack-rows", action="store_true", help="only the prepack layout hint sweep (above)")
-    parser.add_argument("--output", type=Path, default=None, help="with --prepack-rows: also write the JSON line here")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON line here")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.prepack_rows:
@@ -126,8 +125,7 @@ def main() -> None:
                   **prepack_rows(args.repeats), "load_average_1min_at_end": os.getloadavg()[0]}
         emit(result, "benchmarks/bench_cpu_ops.py", args, args.output)
         return
-    result = {"command": f"python benchmarks/bench_cpu_ops.py --repeats {args.repeats}",
-              "torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0]}
+    result = {"torch_threads": torch.get_num_threads(), "load_average_1min_at_start": os.getloadavg()[0]}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         figures = {
@@ -137,8 +135,7 @@ def main() -> None:
         }
         result.update({f"{name}_{key}": value for key, value in figures.items()})
     result["load_average_1min_at_end"] = os.getloadavg()[0]
-    result["machine"] = machine()
-    print(json.dumps(result))
+    emit(result, "benchmarks/bench_cpu_ops.py", args, args.output)
 
 
 if __name__ == "__main__":

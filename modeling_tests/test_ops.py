@@ -131,7 +131,9 @@ def test_cpu_sdpa_decode_steps_run_packed_and_generate_as_the_model_forwards(mon
     assert torch.equal(tokens, as_model_classes(ours).generate(ids, **kwargs))
 
 
-@pytest.mark.skipif(not ONEDNN_LINEAR_AVAILABLE, reason="oneDNN linear is used on x86 builds with mkldnn, on CPUs other than Intel's")
+@pytest.mark.skipif(
+    not ONEDNN_LINEAR_AVAILABLE, reason="oneDNN linear is used on x86 builds with mkldnn, on CPUs other than Intel's"
+)
 def test_fp32_inference_products_take_onednn_and_agree_with_f_linear():
     weight, bias = torch.randn(1024, 256) / 16, torch.randn(1024)
     decode_rows, prefill_rows = torch.randn(3, 1, 256), torch.randn(1, 300, 256)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.cpu import cpu_info
 
 # the CPU features that decide which bf16 / int8 product kernels torch and oneDNN can use
 MATMUL_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
@@ -16,18 +17,10 @@ MATMUL_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "am
 def machine() -> dict:
     """Which CPU a run measured: recorded runs come from more than one machine, and ratios move with the CPU (its
     vector units decide how fast torch's bf16 and int8 products are, its memory how fast weights stream)."""
-    model_name, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name") and model_name == "unknown":
-                    model_name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model_name, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
-            "cpu_matmul_flags": sorted(flags & MATMUL_FLAGS)}
+    info = cpu_info()
+    return {"cpu": info.get("model name", "unknown"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(),
+            "cpu_matmul_flags": sorted(set(info.get("flags", "").split()) & MATMUL_FLAGS)}
 
 
 def command_line(script: str, args: argparse.Namespace) -> str:

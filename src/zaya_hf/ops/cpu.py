@@ -46,13 +46,20 @@ from .thresholds import (
 )
 
 
-def _cpu_vendor() -> str:
-    """The `vendor_id` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
+def cpu_info() -> dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo ("vendor_id", "model name", "flags", ...); empty where
+    there is no such file."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+            for line in cpuinfo:
+                if not line.strip():  # the first processor ends here
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
-        return ""
+        pass
+    return fields
 
 
 # Large fp32 products go through oneDNN on x86 CPUs other than Intel's: there MKL, which F.linear's fp32 products use,
@@ -61,7 +68,7 @@ def _cpu_vendor() -> str:
 # is left alone.
 ONEDNN_LINEAR_AVAILABLE = (
     platform.machine().lower() in ("x86_64", "amd64")
-    and _cpu_vendor() != "GenuineIntel"
+    and cpu_info().get("vendor_id") != "GenuineIntel"
     and torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )

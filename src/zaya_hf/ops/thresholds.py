@@ -43,7 +43,7 @@ PARALLEL_MIN_MULTIPLY_ADDS = 8 * 1024 * 1024
 
 # Weights prepacked for oneDNN (`ops.prepacked.prepack_for_cpu_inference`) are laid out for products of this many
 # rows. oneDNN picks the blocked layout by the row count it is told to expect: laid out for 1 row, products of 256
-# rows and more ran 13-17% slower than with the plain weight (a prefill's), while the layout for 256 rows multiplies
+# rows and more ran 13-20% slower than with the plain weight (a prefill's), while the layout for 256 rows multiplies
 # 1-16 rows (decode) as fast as the 1-row layout and 64-4,096 rows faster than or about as fast as the plain weight.
 # Measured on a 2-core Xeon with AMX (`python benchmarks/bench_cpu_ops.py --prepack-rows`, recorded:
 # benchmarks/results/bench_prepack_rows.json).
