@@ -129,6 +129,7 @@ def test_aggregation_prompts_are_markovian_rsa_prompts_over_the_pooled_rollouts(
         ({"max_steps": -1}, "max_steps must be >= 0"),
         ({"prompts_per_step": 0}, "prompts_per_step must be >= 1"),
         ({"tail_tokens": 0}, "tail_tokens must be >= 1"),
+        ({"beta": -0.1}, "beta must be >= 0"),
     ],
 )
 def test_rl_recipe_refuses_bad_settings(settings, message):
@@ -219,6 +220,21 @@ def test_rl_stage_with_lora_returns_merged_weights_and_is_deterministic(tokenize
     _, again, summary_again = run()
     assert summary_again["log"] == summary["log"]
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
+def test_kl_term_refers_to_the_starting_weights_of_a_model_in_memory(tokenizer, no_network, monkeypatch):
+    # TRL loads the reference with from_pretrained(config._name_or_path); a model built in memory has none, so the
+    # stage saves the starting weights for it: the first step's KL (before any update) is 0, later ones are not.
+    import zaya_hf.tiny_reasoner.rl as rl
+
+    monkeypatch.setattr(rl, "BoxedAnswerReward", lambda difficulty, pool: digit_share)
+    model = tiny_model(vocab_size=len(tokenizer))
+    recipe = RLRecipe(max_steps=3, prompts_per_step=2, num_generations=4, max_completion_length=6,
+                      aggregation_fraction=0.0, learning_rate=1e-2, warmup_steps=0, beta=0.1)
+    trained, summary = train_grpo(model, tokenizer, recipe, TaskSpec(max_operations=3), seed=0, progress=False)
+    kl = [entry["kl"] for entry in summary["log"]]
+    assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-4, kl
+    assert trained.config._name_or_path == ""
 
 
 def test_training_script_runs_the_rl_stage_after_supervised_training(tmp_path, no_network):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import zaya_hf
 from zaya_hf.generation_zaya import aggregation_messages, encode_chat, extract_boxed_answer, split_reasoning
 from zaya_hf.tiny_reasoner.data import IGNORE_INDEX, ExampleBuilder, tokenizer_corpus, train_tokenizer
-from zaya_hf.tiny_reasoner.evaluation import evaluate_greedy
+from zaya_hf.tiny_reasoner.evaluation import evaluate_greedy, evaluate_sampled
 from zaya_hf.tiny_reasoner.task import (
     TaskSpec,
     chance_accuracy,
@@ -131,6 +131,22 @@ def test_training_script_runs_a_shortened_recipe_reproducibly(tmp_path):
     assert (out / "tokenizer.json").read_text() == (tmp_path / "again" / "tokenizer.json").read_text()
     first, second = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+
+
+def test_sampled_accuracy_is_seeded_and_near_zero_temperature_is_greedy():
+    folder = zaya_hf.default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    problems = held_out_problems(16)
+    with torch.no_grad():
+        greedy = evaluate_greedy(model, tokenizer, problems)
+        cold = evaluate_sampled(model, tokenizer, problems, samples=2, max_new_tokens=128, temperature=1e-4, seed=0)
+        first = evaluate_sampled(model, tokenizer, problems, samples=3, seed=5)
+        again = evaluate_sampled(model, tokenizer, problems, samples=3, seed=5)
+    assert cold == greedy
+    assert first == again and first * 48 == round(first * 48)  # a mean over 16 problems x 3 rollouts
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        evaluate_sampled(model, tokenizer, problems, samples=0)
 
 
 def test_the_embedded_model_ships_inside_the_package_and_solves_held_out_problems():

@@ -22,6 +22,7 @@ from ..generation_zaya import (
     question_messages,
 )
 from ..serving.evaluation import Problem, evaluate, summarize, write_problems
+from . import DEMO_RSA_SETTINGS
 from .task import ArithmeticProblem, held_out_problems
 
 
@@ -40,12 +41,35 @@ def export_problem_set(path: str | os.PathLike, count: int, seed: int = 1234) ->
 
 def evaluate_greedy(model, tokenizer, problems: Sequence[ArithmeticProblem], max_new_tokens: int = 128) -> float:
     """Fraction of `problems` whose greedy completion boxes the right answer (one left-padded batch)."""
+    return _fraction_correct(model, tokenizer, problems, 1, max_new_tokens, {"do_sample": False}, seed=None)
+
+
+def evaluate_sampled(
+    model,
+    tokenizer,
+    problems: Sequence[ArithmeticProblem],
+    samples: int,
+    max_new_tokens: int = DEMO_RSA_SETTINGS["rollout_tokens"],
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> float:
+    """Mean correctness of `samples` sampled completions per problem (temperature `temperature`, no other filter,
+    Markovian RSA's rollout budget): the expected accuracy of one rollout, which is what RL's reward measures on
+    the training stream, here on held-out problems. Greedy accuracy can stay put while this moves."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}.")
+    sampling = {"do_sample": True, "temperature": temperature}
+    return _fraction_correct(model, tokenizer, problems, samples, max_new_tokens, sampling, seed)
+
+
+def _fraction_correct(model, tokenizer, problems, repeats: int, max_new_tokens: int, sampling: dict, seed) -> float:
     engine = LocalGenerationEngine(model, tokenizer)
-    prompts = [encode_chat(tokenizer, question_messages(p.question)) for p in problems]
-    batch = engine.generate(prompts, max_new_tokens=max_new_tokens, sampling={"do_sample": False}, seed=None)
+    rows = [(p, encode_chat(tokenizer, question_messages(p.question))) for p in problems for _ in range(repeats)]
+    batch = engine.generate([prompt for _, prompt in rows], max_new_tokens=max_new_tokens, sampling=sampling,
+                            seed=seed)
     return sum(
-        answers_match(extract_boxed_answer(c.text), str(p.answer)) for c, p in zip(batch.completions, problems)
-    ) / len(problems)
+        answers_match(extract_boxed_answer(c.text), str(p.answer)) for c, (p, _) in zip(batch.completions, rows)
+    ) / len(rows)
 
 
 @dataclass
@@ -107,5 +131,5 @@ def compare_single_and_rsa(
     )
 
 
-__all__ = ["Comparison", "RoundPoint", "compare_single_and_rsa", "evaluate_greedy", "export_problem_set",
-           "held_out_problem_set"]
+__all__ = ["Comparison", "RoundPoint", "compare_single_and_rsa", "evaluate_greedy", "evaluate_sampled",
+           "export_problem_set", "held_out_problem_set"]

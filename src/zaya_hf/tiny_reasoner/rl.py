@@ -11,6 +11,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,8 @@ class RLRecipe:
     num_generations: int = 8  # G rollouts per prompt (>= subset_size: an aggregation prompt draws C of them)
     learning_rate: float = 1e-4
     warmup_steps: int = 10
+    # KL coefficient to the starting model (TRL's `beta`; 0: no reference model, TRL's default)
+    beta: float = 0.0
     # the rollout budget and sampling of Markovian RSA in the demo (β, temperature 1.0)
     max_completion_length: int = DEMO_RSA_SETTINGS["rollout_tokens"]
     temperature: float = 1.0
@@ -58,8 +61,9 @@ class RLRecipe:
                      "max_operations", "raise_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.balancer_ki < 0:
-            raise ValueError(f"balancer_ki must be >= 0, got {self.balancer_ki}.")
+        for name in ("balancer_ki", "beta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not 0.0 <= self.aggregation_fraction <= 1.0:
             raise ValueError(f"aggregation_fraction must be in [0, 1], got {self.aggregation_fraction}.")
         if self.num_generations < 2:
@@ -106,6 +110,12 @@ def train_grpo(model, tokenizer, recipe: RLRecipe, spec: TaskSpec, seed: int, pr
         peft_config = lora_config(recipe.lora_targets)
     balancing = BiasBalancingCallback(ki=recipe.balancer_ki) if recipe.bias_balancing else None
     with tempfile.TemporaryDirectory(prefix="zaya-grpo-") as scratch:
+        starting_path = model.config._name_or_path
+        if recipe.beta and peft_config is None:
+            # TRL loads the KL reference with `from_pretrained(config._name_or_path)`: the starting weights as they
+            # are in memory (with LoRA, TRL disables the adapters instead).
+            model.save_pretrained(Path(scratch) / "reference")
+            model.config._name_or_path = str(Path(scratch) / "reference")
         args = GRPOConfig(
             output_dir=scratch,
             max_steps=recipe.max_steps,
@@ -114,6 +124,7 @@ def train_grpo(model, tokenizer, recipe: RLRecipe, spec: TaskSpec, seed: int, pr
             max_completion_length=recipe.max_completion_length,
             temperature=recipe.temperature,
             learning_rate=recipe.learning_rate,
+            beta=recipe.beta,
             lr_scheduler_type="constant_with_warmup",
             warmup_steps=recipe.warmup_steps,
             shuffle_dataset=False,  # the stream is random already, and must not be read ahead (rl_dataset)
@@ -137,12 +148,13 @@ def train_grpo(model, tokenizer, recipe: RLRecipe, spec: TaskSpec, seed: int, pr
             callbacks=[balancing] if balancing else None,
         )
         trainer.train()
+        model.config._name_or_path = starting_path
     if peft_config is not None:  # ship plain weights: fold the adapters in
         model = trainer.model.merge_and_unload()
     log = [
         {key: round(value, 4) if isinstance(value, float) else value for key, value in entry.items()
          if key in ("step", "reward", "accuracy/solve", "accuracy/aggregate", "difficulty/high",
-                    "completions/mean_length")}
+                    "completions/mean_length", "kl")}
         for entry in trainer.state.log_history if "reward" in entry
     ]
     summary = {
