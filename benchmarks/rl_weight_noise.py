@@ -44,6 +44,7 @@ def perturbed_accuracy(model, tokenizer, problems, delta: float, parts: set[str]
     saved = {}
     with torch.no_grad():
         for name, parameter in model.named_parameters():
+            # drawn for every parameter, so that a part gets the same signs alone as in the all-parts run
             signs = torch.randint(0, 2, parameter.shape, generator=generator).to(parameter.dtype) * 2 - 1
             if parts is None or part_of(name, parameter) in parts:
                 saved[name] = parameter.detach().clone()

@@ -147,8 +147,8 @@ def train_grpo(model, tokenizer, recipe: RLRecipe, spec: TaskSpec, seed: int, pr
             peft_config=peft_config,
             callbacks=[balancing] if balancing else None,
         )
+        model.config._name_or_path = starting_path  # the reference is loaded by now
         trainer.train()
-        model.config._name_or_path = starting_path
     if peft_config is not None:  # ship plain weights: fold the adapters in
         model = trainer.model.merge_and_unload()
     log = [
