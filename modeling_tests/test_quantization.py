@@ -22,9 +22,10 @@ from conftest import randomize, tiny_config
 
 INT8 = dict(bits=8, group_size=None)
 INT4 = dict(bits=4, group_size=32)
-# Mean per-token KL(bf16 || quantized) of the embedded model on `prompts`, measured 4.3e-4 (int8) and 0.95 (int4,
-# group 32: the tiny model's first-layer v_proj_current alone makes 0.96 of it); the bounds leave about 2x room.
-KL_BOUND = {8: 1e-3, 4: 2.0}
+# Mean per-token KL(bf16 || quantized) of the embedded model on `prompts` (26 tokens), measured 0.011 (int8) and 0.016
+# (int4, group 32); most of int8's is one token of a question outside the model's task (12*7; median 2e-6), where a
+# near-tie flips. The bounds leave about 2x room.
+KL_BOUND = {8: 0.025, 4: 0.035}
 
 
 @pytest.fixture(scope="module")

