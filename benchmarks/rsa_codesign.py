@@ -9,7 +9,9 @@ on the same held-out problems with the same seeds, through the evaluation harnes
 * single rollout: the mean correctness of the N round-0 rollouts (temperature 1.0): one sampled rollout's accuracy;
 * round-0 majority: the majority vote over those N rollouts (voting without any aggregation);
 * Markovian RSA: the majority vote over the final population after T aggregation rounds;
-* the RSA gain (RSA minus single rollout, per problem) and, for the first two models, the difference of their gains.
+* the RSA gain (RSA minus single rollout, per problem) and, for the first two models, the difference of their gains;
+* the aggregations' accuracy by how many of the C candidates they read were right (an aggregator that only
+  re-solves the problem is as accurate whatever it reads).
 
 95% intervals: the harness's (Wilson's for successes, the normal approximation for mean accuracies); for gains and
 their difference, the normal approximation of the mean of the per-problem differences (paired: the same problems).
@@ -82,6 +84,7 @@ def evaluate_model(label: str, path: str, problem_seed: int, count: int, config:
         "rsa_population_mean": (last["mean_accuracy"], *last["mean_accuracy_ci95"]),
         "rsa_gain": (sum(gains) / count, *difference_interval_95(gains)),
         "tokens_per_problem": summary["tokens_per_problem"],
+        "aggregation_by_right_candidates": summary["aggregation_by_right_candidates"],
         "rounds": summary["rounds"],
         "gains": gains,
     }
@@ -101,6 +104,10 @@ def format_table(header: str, models: dict, comparison: dict | None) -> str:
             signed = "+" if key == "rsa_gain" else ""
             lines.append(f"  {name:<50} {mean:{signed}7.1%}  [{low:{signed}7.1%}, {high:{signed}7.1%}]")
         lines.append(f"  {'decode tokens per problem (all rounds)':<50} {entry['tokens_per_problem']:7.1f}")
+        by_right = entry["aggregation_by_right_candidates"]
+        if by_right:
+            lines.append("  aggregations by right candidates read: " + ", ".join(
+                f"{k}: {row['accuracy']:.1%} of {row['aggregations']}" for k, row in by_right.items()))
     if comparison is not None:
         mean, low, high = comparison["gain_difference"]
         lines.append(f"RSA gain of {comparison['first']} minus that of {comparison['second']} (paired): "

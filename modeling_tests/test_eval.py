@@ -19,6 +19,7 @@ from zaya_hf.generation_zaya import (
     LocalGenerationEngine,
     MarkovianRSAConfig,
     answers_match,
+    extract_boxed_answer,
     majority_vote,
     mean_accuracy,
     run_markovian_rsa,
@@ -64,16 +65,24 @@ def test_eval_on_the_held_out_set_equals_the_demo_and_the_algorithm(tmp_path, ca
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
     config = MarkovianRSAConfig(rounds=1, population=2, subset_size=2, rollout_tokens=48, tail_tokens=24,
                                 sampling={"temperature": 1.0, "top_p": 1.0}, seed=0)
-    final_mean, final_majority, tokens = [], [], 0
+    final_mean, final_majority, tokens, by_right = [], [], 0, {}
     for index, problem in enumerate(read_problems(problems_file)):
         result = run_markovian_rsa(LocalGenerationEngine(model, tokenizer), problem.question, tokenizer,
                                    replace(config, seed=1000 * index), progress=False)
         final_mean.append(mean_accuracy(result.final_answers, problem.answer))
         final_majority.append(answers_match(majority_vote(result.final_answers), problem.answer))
         tokens += result.generated_tokens
+        first_right = [answers_match(a, problem.answer) for a in map(extract_boxed_answer, result.rounds[0].completions)]
+        for subset, answer in zip(result.rounds[1].subsets, result.final_answers):
+            row = by_right.setdefault(str(sum(first_right[j] for j in subset)), [0, 0])
+            row[0] += 1
+            row[1] += answers_match(answer, problem.answer)
     assert evaluated["rounds"][-1]["mean_accuracy"] == pytest.approx(sum(final_mean) / 2)
     assert evaluated["rounds"][-1]["majority_accuracy"] == pytest.approx(sum(final_majority) / 2)
     assert evaluated["tokens_per_problem"] == pytest.approx(tokens / 2)
+    # The aggregations by how many right candidates they read (round 1 of 1 here).
+    assert evaluated["aggregation_by_right_candidates"] == {
+        k: {"aggregations": n, "accuracy": right / n} for k, (n, right) in sorted(by_right.items())}
 
 
 def test_single_rollouts_are_round_zero_of_the_same_run(tmp_path, capsys):

@@ -12,6 +12,7 @@ rollout engine, single rollouts or Markovian RSA, accuracy per round with 95% in
   mean for per-problem accuracies in [0, 1] (mean accuracy), both clipped to [0, 1].
 """
 
+import itertools
 import json
 import math
 import os
@@ -147,7 +148,8 @@ def solve(engine, tokenizer, problem: Problem, index: int, config: MarkovianRSAC
         answers = [extract_boxed_answer(text) for text in record.completions]
         correct = [answers_match(a, problem.answer) for a in answers]
         majority = majority_vote(answers)
-        rounds.append({"round": record.index, "answers": answers, "correct": correct, "majority": majority,
+        rounds.append({"round": record.index, "subsets": [list(s) for s in record.subsets], "answers": answers,
+                       "correct": correct, "majority": majority,
                        "majority_correct": answers_match(majority, problem.answer), "pass": any(correct),
                        "completion_tokens": record.completion_tokens, "generated_tokens": record.generated_tokens,
                        "seconds": seconds})
@@ -199,6 +201,20 @@ def interval_95(values: Sequence[float], binary: bool) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def aggregation_by_right_candidates(records: Sequence[dict]) -> dict[int, dict]:
+    """Over every aggregation (rounds 1..T) of every problem: how many there were and how often they were right,
+    by how many of the C candidates they read were right. An aggregator that only re-solves is as accurate whatever
+    it reads; one that uses its candidates climbs with k. Empty for records without subsets (older files)."""
+    table: dict[int, list[int]] = {}
+    for record in records:
+        for previous, current in itertools.pairwise(record["rounds"]):
+            for subset, right in zip(current.get("subsets", []), current["correct"]):
+                entry = table.setdefault(sum(previous["correct"][j] for j in subset), [0, 0])
+                entry[0] += 1
+                entry[1] += right
+    return {k: {"aggregations": n, "accuracy": right / n} for k, (n, right) in sorted(table.items())}
+
+
 def summarize(records: Sequence[dict]) -> dict:
     """Per round over the problems: mean accuracy, majority accuracy and pass@N with 95% intervals, the decode
     tokens per problem spent up to that round, and the seconds per problem of the round; plus the single-rollout
@@ -222,6 +238,7 @@ def summarize(records: Sequence[dict]) -> dict:
     return {
         "problems": count,
         "rounds": rounds,
+        "aggregation_by_right_candidates": aggregation_by_right_candidates(records),
         "tokens_per_problem": spent,
         "single_rollout": {
             "accuracy": rounds[0]["mean_accuracy"],
