@@ -190,7 +190,9 @@ def test_client_errors_are_not_retried():
 
 def test_a_failed_batch_stops_its_other_requests_before_returning():
     """One rollout is refused for good while another keeps getting 503: generate() raises the refusal, the other
-    request stops retrying, and nothing reaches the server after the call returned."""
+    request stops retrying, and nothing is sent after the call returned. (Counted against what the engine had sent
+    by then, not against what the server had logged: on a loaded machine the server's thread may log a request that
+    was sent before the return only after it.)"""
     calls = []
 
     def respond(path, body):
@@ -204,9 +206,10 @@ def test_a_failed_batch_stops_its_other_requests_before_returning():
         engine = configured_engine(url, model="m", max_retries=100, initial_backoff=0.02, max_backoff=0.02)
         with pytest.raises(EndpointError, match="HTTP 400.*prompt too long"):
             engine.generate([[1], [2]], max_new_tokens=4, sampling={}, seed=None)
-        seen, retries = len(calls), engine.usage.retries
+        retries = engine.usage.retries
         time.sleep(0.3)
-        assert len(calls) == seen and engine.usage.retries == retries
+        # sent by the return: [1] once, [2] once plus once per retry counted (each counted before its backoff)
+        assert engine.usage.retries == retries and len(calls) <= retries + 2
     assert 1 <= retries < 100
 
 
