@@ -87,7 +87,8 @@ def prompts(seed: int = 0, batch: int = BATCH) -> dict:
 def require_support(model_class, feature: str) -> None:
     """transformers' mixin skips stateful models for assisted decoding and packing, and models without
     `_can_compile_fullgraph` for static caches and compilation. zaya_hf must support all of them: fail, not skip."""
-    stateful, compilable = model_class._is_stateful, model_class._can_compile_fullgraph
+    # transformers 5.25 dropped `_is_stateful` (and the skips it drove); earlier versions read it
+    stateful, compilable = getattr(model_class, "_is_stateful", False), model_class._can_compile_fullgraph
     declared, flag = {
         "assisted decoding": (not stateful, "_is_stateful = True"),
         "packed sequences": (not stateful, "_is_stateful = True"),
