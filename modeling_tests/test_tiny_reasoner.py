@@ -165,5 +165,5 @@ def test_the_embedded_model_ships_inside_the_package_and_solves_held_out_problem
     assert set(model.config.layer_types) == {"hybrid", "hybrid_sliding"}
     with torch.no_grad():
         accuracy = evaluate_greedy(model, tokenizer, held_out_problems(64))
-    # The shipped model gets 61 of these 64 (95.3%; 96.5% on the 256 of training_summary.json); chance is 1/31.
+    # The shipped model gets all 64 (training_summary.json; 99.2% on 256 in rsa_codesign_sft_4500_256.txt); chance 1/31.
     assert accuracy >= 25 * chance_accuracy()

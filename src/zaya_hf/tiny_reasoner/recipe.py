@@ -45,9 +45,9 @@ class TinyReasonerRecipe:
     router_hidden_size: int = 32
     sliding_window: int = 64
     # optimisation. At 1,500 steps the model is undertrained, and how far it gets varies by tens of points from one
-    # CPU to another; 3,000 steps reached 96-100% greedy held-out accuracy with shares 0, 0.2 and 0.35
-    # (benchmarks/results/tiny_reasoner_sft_steps.json).
-    max_steps: int = 3000
+    # CPU to another; 3,000 steps reached 96-100% greedy held-out accuracy with shares 0, 0.2 and 0.35, and 4,500
+    # steps 99.2% with 0.5 (benchmarks/results/tiny_reasoner_sft_steps.json).
+    max_steps: int = 4500
     batch_size: int = 16
     learning_rate: float = 2e-3
     # The PID controller on `balancing_biases` (zaya_hf.training.BiasBalancer); without it the routers of this
@@ -55,11 +55,11 @@ class TinyReasonerRecipe:
     bias_balancing: bool = True
     warmup_steps: int = 60
     weight_decay: float = 0.01
-    # The share of aggregation batches. Measured at 3,000 steps (rsa_codesign_sft_*_3k_256.txt): 0.35 is the share
-    # whose Markovian RSA gain over single rollout lies beyond its 95% interval (+3.8 [+0.9, +6.8]) while it keeps
-    # plain solving (greedy 97.3%); 0.2 solves as well but gains +0.2; 0.5 gains most (+18.3) but leaves too few
-    # solving steps (greedy 49.2%); the share-0 control cannot aggregate at all (its RSA population falls to 0.3%).
-    aggregation_fraction: float = 0.35
+    # The share of aggregation batches. Measured on 256 held-out problems (rsa_codesign_sft_*_256.txt): at 3,000
+    # steps 0.2 and 0.35 solve well but aggregate little better than they re-solve, and 0.5 aggregates best but
+    # solves poorly (greedy 49.2%); at 4,500 steps 0.5 does both (greedy 99.2%, Markovian RSA +2.1 [+0.9, +3.3] over
+    # single rollout), while the share-0 control of the same budget cannot aggregate at all.
+    aggregation_fraction: float = 0.5
     task: TaskSpec = field(default_factory=TaskSpec)
     aggregation: AggregationMix = field(default_factory=AggregationMix)
     # The GRPO stage after supervised training; off in the shipped recipe (the shipped model is supervised only),
