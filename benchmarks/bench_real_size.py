@@ -9,9 +9,11 @@ implementation's fraction of that bound. `--layers N` keeps the first N of the 4
 and head), for machines that cannot hold the 17 GB of the whole model. Prints one JSON line (and writes it to
 `--output`). `--prepack` runs zaya_hf with its weights prepacked for oneDNN (`zaya_hf.ops.prepack_for_cpu_inference`,
 inference only); that process then holds its own copy of the weights beside the page cache the other one maps, so
-it needs twice the checkpoint's size in memory.
+it needs twice the checkpoint's size in memory. `--compile` runs zaya_hf's decode steps compiled (a static cache and a
+`compile_config`; the first call at each batch size compiles, untimed, its seconds recorded); transformers' ZAYA
+has no compiled decode and runs as it is. Prefill stays eager in both.
 
-    python benchmarks/bench_real_size.py --layers 8 [--threads 2] [--prepack] [--output benchmarks/results/bench_real_size.json]
+    python benchmarks/bench_real_size.py --layers 8 [--threads 2] [--prepack | --compile] [--output benchmarks/results/bench_real_size.json]
 """
 
 import argparse
@@ -35,8 +37,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--prefill-tokens", type=int, nargs="*", default=[512, 4096])
     parser.add_argument("--prefill-repeats", type=int, default=1)
-    parser.add_argument("--prepack", action="store_true",
-                        help="zaya_hf's bf16 weights prepacked for oneDNN (zaya_hf.ops.prepack_for_cpu_inference)")
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--prepack", action="store_true",
+                         help="zaya_hf's bf16 weights prepacked for oneDNN (zaya_hf.ops.prepack_for_cpu_inference)")
+    variant.add_argument("--compile", action="store_true",
+                         help="zaya_hf decodes with a static cache and a compile_config (one compiled graph per step)")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON line here")
     args = parser.parse_args()
     if not 1 <= args.layers <= 40:
@@ -45,7 +50,8 @@ def main() -> None:
     result = run_real_size_benchmark(
         folder, layers=args.layers, threads=args.threads, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, repeats=args.repeats, prefill_tokens=tuple(args.prefill_tokens),
-        prefill_repeats=args.prefill_repeats, prepack=args.prepack,
+        prefill_repeats=args.prefill_repeats,
+        variant="prepacked" if args.prepack else "compiled" if args.compile else "eager",
     )
     emit(result, "benchmarks/bench_real_size.py", args, args.output)
 

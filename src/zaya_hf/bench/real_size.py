@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig
 
 from ..configuration_zaya import ZayaConfig
 from .checkpoint import is_random_checkpoint, write_random_checkpoint, zaya1_8b_config
@@ -100,11 +101,11 @@ class _ExpertRecorder:
         self.forwards, self.tokens_per_expert, self.active = [], [], True
 
     def new_forward(self, module, args) -> None:
-        if self.active:
+        if self.active and not torch.compiler.is_compiling():
             self.forwards.append([])
 
-    def record(self, module, args) -> None:
-        if self.active:
+    def record(self, module, args) -> None:  # compiled steps are not recorded: the counts are data-dependent
+        if self.active and not torch.compiler.is_compiling():
             _, index, weights = args[:3]
             chosen = index[:, 0][(weights[:, 0] != 0) & (index[:, 0] < self.num_experts)]
             self.forwards[-1].append(int(chosen.unique().numel()))
@@ -127,16 +128,25 @@ class _ExpertRecorder:
 ZAYA_HF_EXPERTS_IMPLEMENTATION = "zaya_by_expert"
 
 
-def _load(implementation: str, checkpoint: str, prepack: bool = False):
-    """`prepack`: zaya_hf's weights prepacked for oneDNN after loading (`zaya_hf.ops.prepack_for_cpu_inference`)."""
+# How zaya_hf runs: "eager" (plain generate()), "prepacked" (`zaya_hf.ops.prepack_for_cpu_inference`, inference
+# only) or "compiled" (generate() with a static cache and a `compile_config`: the decode step is one Inductor graph).
+# The compiled step keeps the default experts implementation (grouped_mm), whose compiled one-token path reads the
+# chosen expert in place; transformers' ZAYA has no compiled decode (its generate() skips the compile_config).
+ZAYA_HF_VARIANTS = ("eager", "prepacked", "compiled")
+
+
+def experts_implementation_of(variant: str) -> str:
+    return {"prepacked": "zaya_prepacked", "compiled": "grouped_mm"}.get(variant, ZAYA_HF_EXPERTS_IMPLEMENTATION)
+
+
+def _load(implementation: str, checkpoint: str, variant: str = "eager"):
     if implementation == "zaya_hf":
         from zaya_hf import ZayaForCausalLM
         from zaya_hf.ops import prepack_for_cpu_inference
 
-        model = ZayaForCausalLM.from_pretrained(
-            checkpoint, dtype=torch.bfloat16, experts_implementation=ZAYA_HF_EXPERTS_IMPLEMENTATION
-        ).eval()
-        return prepack_for_cpu_inference(model) if prepack else model
+        experts = "grouped_mm" if variant == "compiled" else ZAYA_HF_EXPERTS_IMPLEMENTATION  # prepacking swaps its own
+        model = ZayaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, experts_implementation=experts).eval()
+        return prepack_for_cpu_inference(model) if variant == "prepacked" else model
     from transformers.models.zaya.modeling_zaya import ZayaForCausalLM
 
     return ZayaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
@@ -147,17 +157,24 @@ def _peak_rss_bytes() -> int:
 
 
 @torch.no_grad()
-def _decode(model, recorder, batch: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
+def _decode(model, recorder, batch: int, prompt_tokens: int, new_tokens: int, seed: int, compiled: bool) -> dict:
     vocab = model.config.vocab_size
     prompt = torch.randint(1, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    compile_seconds = None
+    if compiled:
+        options.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, dynamic=False))
+        start = time.perf_counter()
+        model.generate(prompt, **options)  # the first call with these shapes compiles the step
+        compile_seconds = time.perf_counter() - start
     timer = _StepTimer()
     recorder.start()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         logits_processor=[timer], pad_token_id=0)
+    out = model.generate(prompt, logits_processor=[timer], **options)
     recorder.active = False
     steps = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]  # the first stamp follows the prefill
     return {
         "step_seconds": steps,
+        "first_call_seconds": compile_seconds,
         "tokens": out[:, prompt_tokens:].tolist(),
         "distinct_experts": recorder.forwards[1:],  # per decode step, per layer
         "expert_usage": recorder.usage(),  # prefill and decode tokens together
@@ -175,10 +192,11 @@ def _prefill(model, recorder, tokens: int, seed: int) -> dict:
     return {"seconds": seconds, "expert_usage": recorder.usage()}
 
 
-def worker(implementation: str, checkpoint: str, threads: int, prepack: bool = False) -> None:
+def worker(implementation: str, checkpoint: str, threads: int, variant: str = "eager") -> None:
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = _load(implementation, checkpoint, prepack)
+    model = _load(implementation, checkpoint, variant)
+    compiled = implementation == "zaya_hf" and variant == "compiled"
     reply = {"load_seconds": time.perf_counter() - start, "peak_rss_bytes_after_load": _peak_rss_bytes(),
              "threads": torch.get_num_threads()}
     recorder = _ExpertRecorder(model, model.config.num_experts)
@@ -187,7 +205,7 @@ def worker(implementation: str, checkpoint: str, threads: int, prepack: bool = F
         command = json.loads(line)
         if command["op"] == "decode":
             reply = _decode(model, recorder, command["batch"], command["prompt_tokens"], command["new_tokens"],
-                            command["seed"])
+                            command["seed"], compiled)
         elif command["op"] == "prefill":
             reply = _prefill(model, recorder, command["tokens"], command["seed"])
         else:
@@ -203,10 +221,10 @@ def worker(implementation: str, checkpoint: str, threads: int, prepack: bool = F
 class Worker:
     """One implementation in its own process (`worker`), asked one command at a time."""
 
-    def __init__(self, implementation: str, checkpoint: Path, threads: int, prepack: bool = False):
+    def __init__(self, implementation: str, checkpoint: Path, threads: int, variant: str = "eager"):
         self.implementation = implementation
         command = [sys.executable, "-m", "zaya_hf.bench.real_size", "--worker", implementation,
-                   "--checkpoint", str(checkpoint), "--threads", str(threads)] + (["--prepack"] if prepack else [])
+                   "--checkpoint", str(checkpoint), "--threads", str(threads), "--variant", variant]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.loaded = self.read()
@@ -256,21 +274,23 @@ def run_real_size_benchmark(
     repeats: int = 3,
     prefill_tokens: tuple[int, ...] = (512, 4096),
     prefill_repeats: int = 1,
-    prepack: bool = False,
+    variant: str = "eager",
     log=lambda message: print(message, file=sys.stderr, flush=True),
 ) -> dict:
-    """The measurements of the module doc, as one dict; `prepack`: zaya_hf with `prepack_for_cpu_inference`."""
+    """The measurements of the module doc, as one dict; `variant`: how zaya_hf runs (`ZAYA_HF_VARIANTS`)."""
+    if variant not in ZAYA_HF_VARIANTS:
+        raise ValueError(f"variant must be one of {ZAYA_HF_VARIANTS}, got {variant!r}.")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     config = zaya1_8b_config(layers)
     folder = checkpoint_for(Path(folder), layers)
     warm_page_cache(folder)
     result: dict = {"config": "ZAYA1-8B", "layers": layers, "of_layers": 40, "dtype": "bfloat16", "device": "cpu",
-                    "threads": threads, "zaya_hf_prepacked": prepack,
-                    "zaya_hf_experts_implementation": "zaya_prepacked" if prepack else ZAYA_HF_EXPERTS_IMPLEMENTATION}
+                    "threads": threads, "zaya_hf_variant": variant, "zaya_hf_prepacked": variant == "prepacked",
+                    "zaya_hf_experts_implementation": experts_implementation_of(variant)}
     bandwidths, loads = [read_bandwidth()], [os.getloadavg()[0]]
     log(f"read bandwidth {bandwidths[-1] / 1e9:.2f} GB/s; loading the workers")
-    workers = {name: Worker(name, folder, threads, prepack and name == "zaya_hf") for name in IMPLEMENTATIONS}
+    workers = {name: Worker(name, folder, threads, variant if name == "zaya_hf" else "eager") for name in IMPLEMENTATIONS}
     for name, worker in workers.items():
         result[f"{name}_load_seconds"] = round(worker.loaded["load_seconds"], 2)
         result[f"{name}_peak_rss_bytes_after_load"] = worker.loaded["peak_rss_bytes_after_load"]
@@ -286,13 +306,18 @@ def run_real_size_benchmark(
                                                       new_tokens=new_tokens, seed=batch)
                     steps[name] += replies[name]["step_seconds"]
                     log(f"decode bs{batch} {name}: median step {_median(replies[name]['step_seconds']):.3f} s")
-            distinct = [count for step in replies["zaya_hf"]["distinct_experts"] for count in step]
-            experts_read = sum(statistics.mean(layer) for layer in zip(*replies["zaya_hf"]["distinct_experts"]))
+            # the experts a step reads, from an eager run (a compiled step's routing is not recorded): zaya_hf's,
+            # else transformers' of the same prompts (the same tokens where greedy_tokens_identical)
+            routed = replies["transformers" if variant == "compiled" else "zaya_hf"]
+            distinct = [count for step in routed["distinct_experts"] for count in step]
+            experts_read = sum(statistics.mean(layer) for layer in zip(*routed["distinct_experts"]))
             step_bytes = decode_step_bytes(config, batch, experts_read, prompt_tokens + new_tokens // 2)
             result[f"decode_bs{batch}_step_bytes"] = int(step_bytes)
             result[f"decode_bs{batch}_distinct_experts_per_layer_mean"] = round(statistics.mean(distinct), 2)
             result[f"decode_bs{batch}_distinct_experts_per_layer_min_max"] = [min(distinct), max(distinct)]
-            result[f"decode_bs{batch}_expert_usage"] = replies["zaya_hf"]["expert_usage"]
+            result[f"decode_bs{batch}_expert_usage"] = routed["expert_usage"]
+            if variant == "compiled":
+                result[f"zaya_hf_decode_bs{batch}_compile_seconds"] = round(replies["zaya_hf"]["first_call_seconds"], 1)
             result[f"decode_bs{batch}_greedy_tokens_identical"] = replies["zaya_hf"]["tokens"] == replies["transformers"]["tokens"]
             medians[batch] = {name: _median(steps[name]) for name in workers}
             for name, step in medians[batch].items():
@@ -335,11 +360,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--prepack", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=ZAYA_HF_VARIANTS, default="eager", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is None:
         raise SystemExit("Run benchmarks/bench_real_size.py; this module's command line is its worker process.")
-    worker(args.worker, args.checkpoint, args.threads, args.prepack)
+    worker(args.worker, args.checkpoint, args.threads, args.variant)
 
 
 if __name__ == "__main__":
