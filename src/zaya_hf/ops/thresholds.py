@@ -5,6 +5,8 @@ Each was chosen from measurements on the project's CPU machine (a 2-core AMD EPY
 per-op runs behind them are `python benchmarks/bench_cpu_ops.py` (recorded: benchmarks/results/bench_cpu_ops.json).
 """
 
+import math
+
 import torch
 
 # fp32 CPU products whose weight has at least this many elements (1 MiB) run through oneDNN instead of MKL, on x86
@@ -48,3 +50,11 @@ PARALLEL_MIN_MULTIPLY_ADDS = 8 * 1024 * 1024
 # Measured on a 2-core Xeon with AMX (`python benchmarks/bench_cpu_ops.py --prepack-rows`, recorded:
 # benchmarks/results/bench_prepack_rows.json).
 PREPACK_ROWS = 256
+
+# Products with int8 weights and at most this many rows of input (by the input's dtype) run through zaya_hf's own
+# kernel (`ops.native.int8_matvec`), the rest through torch's `_weight_int8pack_mm`. With fp32 inputs torch's kernel
+# streamed a weight at 0.2-2.3 GB/s against 7-55 GB/s for ours at 1-4 rows, so ours takes every product; with bf16
+# inputs ours read 1.0-1.4x as fast at 1-2 rows and was slower from 3 rows on, where each weight byte feeds more
+# multiply-adds than the fp32 FMA loop keeps up with. Measured: `OMP_NUM_THREADS=1 python
+# benchmarks/bench_quant_kernels.py --rows 1 2 4 16` (recorded: benchmarks/results/bench_quant_kernels.jsonl).
+INT8_NATIVE_MAX_ROWS = {torch.float32: math.inf, torch.bfloat16: 2}

@@ -21,6 +21,8 @@ from functools import cache
 import torch
 
 from ..configuration_zaya import CheckpointError
+from ..ops.native import INT8_MATVEC, int8_matvec
+from ..ops.thresholds import INT8_NATIVE_MAX_ROWS
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -220,8 +222,12 @@ def kernel_linear(x: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Ten
 
 
 def quantized_matmul(rows: torch.Tensor, packed: torch.Tensor, kernel_scale: torch.Tensor, bits: int,
-                  group_size: int) -> torch.Tensor:
+                     group_size: int) -> torch.Tensor:
+    """`rows` [M, K] times a kernel-layout weight -> [M, N] (padded N for int4). int8 products of few rows run
+    through zaya_hf's own kernel where it was built (`ops.native`; which rows: `INT8_NATIVE_MAX_ROWS`)."""
     if bits == 8:
+        if INT8_MATVEC is not None and rows.shape[0] <= INT8_NATIVE_MAX_ROWS.get(rows.dtype, 0):
+            return int8_matvec(rows, packed, kernel_scale)
         return torch.ops.aten._weight_int8pack_mm(rows, packed, kernel_scale)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group_size, kernel_scale)
 
