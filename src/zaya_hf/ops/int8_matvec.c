@@ -17,10 +17,18 @@
 #endif
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
-enum {
-    ROW_BLOCK = 4,    /* input rows accumulated together */
-    WEIGHT_BLOCK = 4, /* weight rows multiplied by each loaded slice of x: x is read from cache once per block */
-};
+/* One thread's product is bound by instructions and by the latency of each accumulation chain, not by memory: with
+ * AVX-512, one weight row at a time summed into 8 independent accumulators streamed the weight fastest (the per-shape
+ * runs: benchmarks/bench_quant_kernels.py). The AVX2 loop keeps 4 weight rows, one accumulator each. */
+#if defined(__AVX512F__)
+#define ROW_BLOCK 2    /* input rows accumulated together */
+#define WEIGHT_BLOCK 1 /* weight rows multiplied by each loaded slice of x */
+#define UNROLL 8       /* independent 16-wide partial sums per (input row, weight row) */
+#else
+#define ROW_BLOCK 4
+#define WEIGHT_BLOCK 4
+#define UNROLL 1
+#endif
 
 static inline float bf16_to_float(uint16_t value) {
     uint32_t bits = (uint32_t)value << 16;
@@ -47,20 +55,31 @@ static inline __attribute__((always_inline)) void block_dots(const float *x, int
                                                              int64_t k, float dots[ROW_BLOCK][WEIGHT_BLOCK]) {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    __m512 acc[ROW_BLOCK][WEIGHT_BLOCK];
+    __m512 acc[ROW_BLOCK][WEIGHT_BLOCK][UNROLL];
     for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < cols; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (; i + 16 <= k; i += 16) { /* 16 weights of each row, widened to one fp32 vector */
-        __m512 wv[WEIGHT_BLOCK];
         for (int c = 0; c < cols; ++c)
-            wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + c * k + i))));
-        for (int r = 0; r < rows; ++r) {
-            const __m512 xv = _mm512_loadu_ps(x + r * k + i);
-            for (int c = 0; c < cols; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+            for (int u = 0; u < UNROLL; ++u) acc[r][c][u] = _mm512_setzero_ps();
+    for (; i + 16 * UNROLL <= k; i += 16 * UNROLL) /* UNROLL x 16 weights of each row, one partial sum each */
+        for (int u = 0; u < UNROLL; ++u) {
+            __m512 wv[WEIGHT_BLOCK];
+            for (int c = 0; c < cols; ++c)
+                wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + c * k + i + 16 * u))));
+            for (int r = 0; r < rows; ++r) {
+                const __m512 xv = _mm512_loadu_ps(x + r * k + i + 16 * u);
+                for (int c = 0; c < cols; ++c) acc[r][c][u] = _mm512_fmadd_ps(xv, wv[c], acc[r][c][u]);
+            }
         }
-    }
+    for (; i + 16 <= k; i += 16) /* the rest of the whole vectors, into the first partial sum */
+        for (int c = 0; c < cols; ++c) {
+            const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + c * k + i))));
+            for (int r = 0; r < rows; ++r) acc[r][c][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + i), wv, acc[r][c][0]);
+        }
     for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < cols; ++c) dots[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+        for (int c = 0; c < cols; ++c) {
+            __m512 total = acc[r][c][0];
+            for (int u = 1; u < UNROLL; ++u) total = _mm512_add_ps(total, acc[r][c][u]);
+            dots[r][c] = _mm512_reduce_add_ps(total);
+        }
 #elif defined(__AVX2__) && defined(__FMA__)
     __m256 acc[ROW_BLOCK][WEIGHT_BLOCK];
     for (int r = 0; r < rows; ++r)
@@ -96,9 +115,11 @@ static inline __attribute__((always_inline)) void weight_block_dots(const float 
                                                                     float dots[ROW_BLOCK][WEIGHT_BLOCK]) {
     switch (rows) {
         case 1: block_dots(x, 1, w, cols, k, dots); break;
+#if ROW_BLOCK == 4
         case 2: block_dots(x, 2, w, cols, k, dots); break;
         case 3: block_dots(x, 3, w, cols, k, dots); break;
-        default: block_dots(x, 4, w, cols, k, dots); break;
+#endif
+        default: block_dots(x, ROW_BLOCK, w, cols, k, dots); break;
     }
 }
 
