@@ -4,9 +4,9 @@
  *
  * The operands are those of torch's `_weight_int8pack_mm` (x [M, K] fp32 or bf16, q int8 [N, K] row-major,
  * scale [N] in x's dtype; out [M, N] in x's dtype), so the kernel reads zaya_hf's kernel-layout weights as they
- * are. Decode multiplies a few rows by a large weight, which is bound by the weight's bytes: each weight row is
- * read once for all M rows, widened int8 -> int32 -> fp32 in registers and accumulated in fp32, and the output
- * rows are split across OpenMP threads. Built at import by `zaya_hf.ops.native` with -march=native, so the
+ * are. Decode multiplies a few rows by a large weight: each weight row is read from memory once for all M rows,
+ * widened int8 -> int32 -> fp32 in registers and accumulated in fp32, and the output rows are split across OpenMP
+ * threads. Built at import by `zaya_hf.ops.native` with -march=native, so the
  * AVX-512 or AVX2 loop below is the one the machine has; other machines get the portable loop.
  */
 #include <stdint.h>

@@ -53,9 +53,10 @@ PREPACK_ROWS = 256
 
 # Products with int8 weights and at most this many rows of input (by the input's dtype) run through zaya_hf's own
 # kernel (`ops.native.int8_matvec`), the rest through torch's `_weight_int8pack_mm`. With fp32 inputs torch's kernel
-# streamed a weight at 0.3-1.2 GB/s against 6.9-29 GB/s for ours at 1-4 rows (30x faster at 16), so ours takes every
-# product; with bf16 inputs ours was 1.07-1.26x as fast as torch's at 1 row, 0.92-1.23x at 2 rows and 0.69-1.08x at 4,
-# where each weight byte feeds more multiply-adds than the fp32 FMA loop keeps up with. Measured on a 2-core AMD EPYC
-# with AVX-512: `OMP_NUM_THREADS=1 python benchmarks/bench_quant_kernels.py --repeats 10 --rows 1 2 4 16` (recorded:
-# benchmarks/results/bench_quant_kernels.jsonl, the lines with "rows").
+# streamed a weight at 0.3-1.2 GB/s against 5-26 GB/s for ours at 1-4 rows (about 20x faster at 16), so ours takes
+# every product; with bf16 inputs ours was 0.94-1.97x as fast as torch's at 1 row (1.97x on the head, which streams
+# from memory), 0.92-1.30x at 2 and 0.52-0.85x at 4, where each weight byte feeds more multiply-adds than the fp32 FMA
+# loop keeps up with. Measured on a 2-core AMD EPYC with AVX-512: `OMP_NUM_THREADS=1 python
+# benchmarks/bench_quant_kernels.py --repeats 10 --rows 1 2 4 16` (recorded:
+# benchmarks/results/bench_quant_kernels.jsonl, the last 20 lines).
 INT8_NATIVE_MAX_ROWS = {torch.float32: math.inf, torch.bfloat16: 2}
