@@ -17,9 +17,10 @@
 #endif
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
-/* One thread's product is bound by instructions and by the latency of each accumulation chain, not by memory: with
- * AVX-512, one weight row at a time summed into 8 independent accumulators streamed the weight fastest (the per-shape
- * runs: benchmarks/bench_quant_kernels.py). The AVX2 loop keeps 4 weight rows, one accumulator each. */
+/* One thread's product is bound by instructions and by the latency of each accumulation chain more than by memory:
+ * with AVX-512, one weight row at a time summed into 8 independent accumulators read the LM head 1.8x as fast as 4
+ * weight rows with one accumulator each (benchmarks/results/bench_quant_kernels.jsonl, `--rows 1 2 4 16` runs).
+ * The AVX2 loop keeps 4 weight rows, one accumulator each (not re-measured). */
 #if defined(__AVX512F__)
 #define ROW_BLOCK 2    /* input rows accumulated together */
 #define WEIGHT_BLOCK 1 /* weight rows multiplied by each loaded slice of x */
