@@ -153,6 +153,39 @@ def test_compiled_decode_step_equals_eager(model, dtype, batch, tolerance):
 
 
 @torch.no_grad()
+def test_compiled_bf16_decode_step_calls_the_native_kernel_for_large_weights():
+    """A model whose weights reach `BF16_NATIVE_MIN_WEIGHT_ELEMENTS`: the compiled bf16 step calls zaya_hf's kernel
+    as an opaque op for its 2-D weights (the gathered expert weights stay fused) and equals the eager step within
+    bf16 rounding."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from zaya_hf.ops import native
+
+    if native.BF16_MATVEC is None:
+        pytest.skip(f"the kernels were not built here: {native.NATIVE_UNAVAILABLE}")
+    config = tiny_config(hidden_size=128, moe_intermediate_size=128, vocab_size=256, num_hidden_layers=2,
+                         layer_types=["hybrid", "hybrid_sliding"])
+    model = make_pair(config, seed=29)[0].to(torch.bfloat16)
+    graphs = []
+
+    def inductor_recording_graphs(graph, inputs):
+        graphs.append(str(graph.graph))
+        return compile_fx(graph, inputs)
+
+    ids = torch.randint(3, 256, (1, 8))
+    eager_cache, compiled_cache = (StaticCache(config=model.config, max_cache_len=12) for _ in range(2))
+    model(ids[:, :6], cache=eager_cache, use_cache=True)
+    model(ids[:, :6], cache=compiled_cache, use_cache=True)
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=False, backend=inductor_recording_graphs)
+    for t in range(6, 8):
+        step = ids[:, t : t + 1]
+        eager = model(step, cache=eager_cache, use_cache=True).logits
+        compiled_logits = compiled(step, cache=compiled_cache, use_cache=True).logits
+        assert (compiled_logits.float() - eager.float()).abs().max().item() <= 2e-2
+    assert graphs and all("zaya_hf.bf16_matvec" in graph for graph in graphs)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("batch", [1])
 def test_prompt_lookup_decoding_equals_greedy(model, batch):
     pattern = torch.randint(3, 101, (batch, 6))

@@ -69,6 +69,37 @@ def test_decode_with_the_fast_forwards_equals_the_model_forwards(model, dtype):
 
 
 @torch.no_grad()
+def test_bf16_decode_through_the_native_kernel_is_as_accurate_as_torchs_bf16(monkeypatch):
+    """A model whose weights reach `BF16_NATIVE_MIN_WEIGHT_ELEMENTS`: its one-row bf16 products run through zaya_hf's
+    kernel, which sums in another order than torch's, so the logits are compared with the fp32 model's: no further
+    from them than the model forwards' bf16 logits, and the greedy tokens the same."""
+    import copy
+
+    from zaya_hf.ops import cpu, native
+
+    if native.BF16_MATVEC is None:
+        pytest.skip(f"the kernels were not built here: {native.NATIVE_UNAVAILABLE}")
+    calls = []
+    monkeypatch.setattr(cpu, "bf16_matvec", lambda *args: calls.append(args) or native.bf16_matvec(*args))
+    config = tiny_config(hidden_size=128, moe_intermediate_size=128, vocab_size=256, num_hidden_layers=2,
+                         layer_types=["hybrid", "hybrid_sliding"])
+    exact = make_pair(config, seed=5)[0]
+    fast = copy.deepcopy(exact).to(torch.bfloat16)
+    plain = as_model_classes(copy.deepcopy(fast))
+    ids = left_padded_batch(seed=5)[0][-1:]  # one unpadded row: a batch-1 decode, one row per product
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    fast_out, plain_out = fast.generate(ids, **kwargs), plain.generate(ids, **kwargs)
+    assert calls, "the kernel was not used"
+    assert torch.equal(fast_out.sequences, plain_out.sequences)
+    reference = exact(fast_out.sequences, attention_mask=torch.ones_like(fast_out.sequences)).logits
+    for step, (fast_logits, plain_logits) in enumerate(zip(fast_out.logits, plain_out.logits)):
+        expected = reference[:, ids.shape[1] - 1 + step]
+        fast_error = (fast_logits.float() - expected).abs().max()
+        plain_error = (plain_logits.float() - expected).abs().max()
+        assert fast_error <= 2 * plain_error + 1e-3, (step, fast_error, plain_error)
+
+
+@torch.no_grad()
 def test_decode_conv_state_update_equals_the_convolution(model):
     projection = model.model.layers[0].self_attn.qkv_proj
     assert type(projection) is CPUCCAProjection

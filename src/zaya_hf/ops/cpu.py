@@ -5,9 +5,12 @@
 back when the module moves to another device); the model's own forwards stay the reference these are tested against.
 
 * `CPULinear`: products through `cpu_linear`: large fp32 weights through oneDNN (MKL's fp32 GEMV streams a weight
-  from memory at about half oneDNN's rate), and inside a compiled inference graph products of one or two rows as
-  multiply-and-sum, which Inductor fuses. Both differ from `F.linear` in summation order only (~1e-6 in fp32).
-  bf16 products keep torch's own kernels, so bf16 logits stay bit-identical to transformers' ZAYA.
+  from memory at about half oneDNN's rate), bf16 products of one or two rows through zaya_hf's own kernel
+  (`ops.native.bf16_matvec`: torch's bf16 kernels read a weight at under half the rate one thread can; in compiled
+  graphs as an opaque op), and inside a compiled inference graph the other products of one or two rows as
+  multiply-and-sum, which Inductor fuses. All differ from `F.linear` in summation order only (~1e-6 in fp32; in bf16
+  an output can round one ulp apart). Other bf16 products, and those of weights under
+  `BF16_NATIVE_MIN_WEIGHT_ELEMENTS`, keep torch's own kernels and bit-identical results.
 * `CPUCCAProjection`: a decode step's causal conv as a state update (one output column: the depthwise taps over the
   W + 1 window, then one product per head group) instead of two `conv1d` calls over the window, about 3x faster;
   without native bf16 kernels, a bf16 prefill's two convs in fp32, rounded as the bf16 ones round.
@@ -37,7 +40,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..modeling_zaya import ZayaAttention, ZayaCCAProjection, ZayaDecoderLayer, ZayaExperts
+from .native import BF16_MATVEC, bf16_matvec
 from .thresholds import (
+    BF16_NATIVE_MAX_ROWS,
+    BF16_NATIVE_MIN_WEIGHT_ELEMENTS,
     COMPILED_MATVEC_MAX_ROWS,
     FP32_GEMM_BLOCK_ELEMENTS,
     FP32_GEMM_MIN_ROWS,
@@ -89,10 +95,12 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# Inductor cannot lower the dense-weight oneDNN call, so compiled graphs call it through an opaque custom op.
+# Inductor cannot lower the dense-weight oneDNN call or a ctypes kernel, so compiled graphs call them through opaque
+# custom ops.
 _onednn_linear_op = opaque_op(
     "onednn_linear", _onednn_linear, lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0])
 )
+_bf16_matvec_op = opaque_op("bf16_matvec", bf16_matvec, lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]))
 
 
 def _plain(*tensors: torch.Tensor | None) -> bool:
@@ -142,6 +150,21 @@ def intra_op_threads(multiply_adds: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def uses_bf16_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """bf16 products without bias of at most `BF16_NATIVE_MAX_ROWS` rows by a contiguous 2-D weight of at least
+    `BF16_NATIVE_MIN_WEIGHT_ELEMENTS`, that autograd does not record, where zaya_hf's kernel was built."""
+    return (
+        BF16_MATVEC is not None
+        and bias is None
+        and weight.ndim == 2
+        and weight.numel() >= BF16_NATIVE_MIN_WEIGHT_ELEMENTS
+        and x.dtype == weight.dtype == torch.bfloat16
+        and 0 < x.shape[:-1].numel() <= BF16_NATIVE_MAX_ROWS
+        and weight.is_contiguous()
+        and _plain(x, weight)
+    )
 
 
 def uses_fp32_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -198,6 +221,8 @@ def cpu_linear(
     `x` [..., M, k] matrix by matrix (-> [..., M, n]), through the fastest CPU route for its shape (module doc).
     `bf16_through_fp32`: bf16 products of several rows as fp32 GEMMs where the CPU has no native bf16 kernels
     (faster, but not bit-identical to torch's bf16 product, so only the opt-in `"zaya_by_expert"` asks for it)."""
+    if uses_bf16_matvec(x, weight, bias):
+        return _bf16_matvec_op(x, weight) if torch.compiler.is_compiling() else bf16_matvec(x, weight)
     if uses_compiled_matvec(x, weight):
         # [..., M, 1, k] * [..., 1, n, k] -> [..., M, n], accumulated in fp32 and rounded once, as F.linear does
         product = (x.unsqueeze(-2).float() * weight.unsqueeze(-3).float()).sum(-1)

@@ -1,15 +1,16 @@
 # Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
-"""zaya_hf's own C kernel: the weight-only int8 product of decode (`int8_matvec.c`), built for this machine.
+"""zaya_hf's own C kernels (`matvec.c`): the products of decode, a few rows times a large weight, built for this machine.
 
-torch's CPU kernel for int8 weights (`torch._weight_int8pack_mm`) reads a large weight more slowly than `F.linear`
-reads the same weight in bf16 (twice the bytes), so int8 decode gained little over bf16 (the per-shape runs:
-`python benchmarks/bench_quant_kernels.py`, recorded: benchmarks/results/bench_quant_kernels.jsonl). The kernel here
-reads the same operands in the same layout, streaming each weight row once for the few rows of a decode step.
+torch's CPU kernels stream a large weight at a decode step at about half the rate one thread can read memory, its
+int8 kernel (`torch._weight_int8pack_mm`) even more slowly than `F.linear` reads the same weight in bf16, twice the
+bytes (per-shape runs: `python benchmarks/bench_quant_kernels.py`, recorded: benchmarks/results/bench_quant_kernels.jsonl).
+The kernels here read the same operands in the same layout, streaming each weight row once for all the rows of a
+decode step.
 
-It is compiled once per machine, at import, with the system's C compiler (`$CC`, default `cc`) and `-march=native
--fopenmp`, into `$ZAYA_HF_CACHE` (default `~/.cache/zaya_hf`), named by a hash of the source, the flags and the
-compiler's target description, and loaded with ctypes. Where there is no compiler, or the build or load fails,
-`INT8_MATVEC` is None, `INT8_MATVEC_UNAVAILABLE` says why, and products keep torch's kernel.
+They are compiled once per machine, at import, with the system's C compiler (`$CC`, default `cc`) and
+`-march=native -fopenmp`, into `$ZAYA_HF_CACHE` (default `~/.cache/zaya_hf`), named by a hash of the source, the
+flags and the compiler's target description, and loaded with ctypes. Where there is no compiler, or the build or
+load fails, `INT8_MATVEC` and `BF16_MATVEC` are None, `NATIVE_UNAVAILABLE` says why, and products keep torch's kernels.
 """
 
 import ctypes
@@ -24,7 +25,7 @@ import torch
 
 from .thresholds import PARALLEL_MIN_MULTIPLY_ADDS
 
-SOURCE = Path(__file__).with_name("int8_matvec.c")
+SOURCE = Path(__file__).with_name("matvec.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's DTYPE_FLOAT32 / DTYPE_BFLOAT16
 
@@ -58,18 +59,26 @@ def build_library(source: Path = SOURCE) -> Path:
     return library
 
 
-def _load() -> tuple[ctypes._CFuncPtr | None, str | None]:
+def _load() -> tuple[ctypes._CFuncPtr | None, ctypes._CFuncPtr | None, str | None]:
     try:
-        function = ctypes.CDLL(str(build_library())).zaya_int8_matvec
+        library = ctypes.CDLL(str(build_library()))
     except (OSError, RuntimeError) as error:
-        return None, str(error)
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    return function, None
+        return None, None, str(error)
+    int8, bf16 = library.zaya_int8_matvec, library.zaya_bf16_matvec
+    int8.restype, bf16.restype = ctypes.c_int, None
+    int8.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_int]
+    return int8, bf16, None
 
 
-INT8_MATVEC, INT8_MATVEC_UNAVAILABLE = _load()
+INT8_MATVEC, BF16_MATVEC, NATIVE_UNAVAILABLE = _load()
+
+
+def _threads(multiply_adds: int) -> int:
+    """Work under `PARALLEL_MIN_MULTIPLY_ADDS` on one thread, larger work on torch's intra-op threads."""
+    return 1 if multiply_adds < PARALLEL_MIN_MULTIPLY_ADDS else torch.get_num_threads()
 
 
 def int8_matvec(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -77,7 +86,7 @@ def int8_matvec(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     in `rows`' dtype: the operands and result of `torch._weight_int8pack_mm`. Work under
     `PARALLEL_MIN_MULTIPLY_ADDS` runs on one thread, larger work on torch's intra-op threads."""
     if INT8_MATVEC is None:
-        raise RuntimeError(f"zaya_hf's int8 kernel is unavailable: {INT8_MATVEC_UNAVAILABLE}")
+        raise RuntimeError(f"zaya_hf's int8 kernel is unavailable: {NATIVE_UNAVAILABLE}")
     (m, k), n = rows.shape, weight.shape[0]
     if weight.dtype != torch.int8 or weight.shape[1] != k or scale.shape != (n,):
         raise ValueError(f"int8_matvec: rows {tuple(rows.shape)}, weight {tuple(weight.shape)} {weight.dtype} "
@@ -86,9 +95,26 @@ def int8_matvec(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
         raise ValueError(f"int8_matvec: rows and scale must be float32 or bfloat16, not {rows.dtype} / {scale.dtype}")
     rows, weight, scale = rows.contiguous(), weight.contiguous(), scale.contiguous()
     out = rows.new_empty(m, n)
-    threads = 1 if m * n * k < PARALLEL_MIN_MULTIPLY_ADDS else torch.get_num_threads()
     status = INT8_MATVEC(rows.data_ptr(), DTYPE_CODES[rows.dtype], weight.data_ptr(), scale.data_ptr(),
-                         DTYPE_CODES[scale.dtype], out.data_ptr(), m, n, k, threads)
+                         DTYPE_CODES[scale.dtype], out.data_ptr(), m, n, k, _threads(m * n * k))
     if status != 0:
         raise MemoryError(f"int8_matvec: no memory for the fp32 copy of {m} x {k} rows")
+    return out
+
+
+def bf16_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` for bf16 `x` [..., K] and `weight` [N, K] -> [..., N], accumulated in fp32 and rounded
+    once, as torch's bf16 product is (only the summation order differs). Work under `PARALLEL_MIN_MULTIPLY_ADDS` runs
+    on one thread, larger work on torch's intra-op threads."""
+    if BF16_MATVEC is None:
+        raise RuntimeError(f"zaya_hf's bf16 kernel is unavailable: {NATIVE_UNAVAILABLE}")
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        raise ValueError(f"bf16_matvec: x and weight must be bfloat16, not {x.dtype} / {weight.dtype}")
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"bf16_matvec: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not make an "
+                         "[..., K] x [N, K] product")
+    (n, k), rows = weight.shape, x.reshape(-1, weight.shape[1]).contiguous()
+    weight = weight.contiguous()
+    out = x.new_empty(*x.shape[:-1], n)
+    BF16_MATVEC(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], n, k, _threads(rows.numel() * n))
     return out

@@ -17,7 +17,8 @@ ONEDNN_MIN_WEIGHT_ELEMENTS = 512 * 512
 # Inside a compiled CPU inference graph, products with at most this many rows of input per weight matrix (decode
 # steps at batch 1-2) are written as multiply-and-sum, which Inductor fuses into one streaming reduction that reads
 # the weight faster than an extern GEMV call, and reads a gathered expert's weight in place. With more rows oneDNN's
-# GEMM catches up (fp32) or wins (bf16).
+# GEMM catches up (fp32) or wins (bf16). bf16 products that zaya_hf's own kernel takes (`BF16_NATIVE_*` below, 2-D
+# weights) go to it instead, as an opaque op.
 COMPILED_MATVEC_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 1}
 
 # bf16 CPU products of the opt-in "zaya_by_expert" experts with at least this many rows per weight matrix run as
@@ -60,3 +61,16 @@ PREPACK_ROWS = 256
 # benchmarks/bench_quant_kernels.py --repeats 10 --rows 1 2 4 16` (recorded:
 # benchmarks/results/bench_quant_kernels.jsonl, the last 20 lines).
 INT8_NATIVE_MAX_ROWS = {torch.float32: math.inf, torch.bfloat16: 2}
+
+# bf16 products with at most `BF16_NATIVE_MAX_ROWS` rows of input and a 2-D weight of at least
+# `BF16_NATIVE_MIN_WEIGHT_ELEMENTS` run through zaya_hf's own kernel (`ops.native.bf16_matvec`; in compiled graphs
+# as an opaque op), the rest through `F.linear`. On one thread ours multiplied ZAYA1-8B's weights 2.1-3.1x as fast as
+# `F.linear` at 1 row (the LM head, streamed from memory: 24.4 GB/s against 11.6) and 1.4-1.9x at 2 rows; at 4 rows
+# 0.76-1.04x and at 16 rows 0.39-0.52x, each weight vector then feeding more multiply-adds than the one-row loop
+# keeps up with. A weight row shorter than the kernel's unrolled step (128 elements) runs its scalar tail, and a small
+# product pays more for the call than it saves: 64 x 64 took 2.3x `F.linear`'s time at 1 row, while the embedded
+# model's 512 x 128 head took 0.45x. Measured on a 2-core AMD EPYC with AVX-512: `OMP_NUM_THREADS=1 python
+# benchmarks/bench_quant_kernels.py --repeats 10 --rows 1 2 4 16` (recorded: benchmarks/results/bench_quant_kernels.jsonl,
+# the last 28 lines, "dense-native").
+BF16_NATIVE_MAX_ROWS = 2
+BF16_NATIVE_MIN_WEIGHT_ELEMENTS = 128 * 128

@@ -1,13 +1,21 @@
 /* Copyright 2026 The zaya_hf authors. Licensed under the Apache License, Version 2.0.
  *
- * Weight-only int8 products for decode: out[m, n] = scale[n] * sum_k x[m, k] * q[n, k].
+ * zaya_hf's decode products: a few rows of input times one large weight, each weight row read from memory once for
+ * all the rows and accumulated in fp32 in registers, the output rows split across OpenMP threads.
  *
- * The operands are those of torch's `_weight_int8pack_mm` (x [M, K] fp32 or bf16, q int8 [N, K] row-major,
- * scale [N] in x's dtype; out [M, N] in x's dtype), so the kernel reads zaya_hf's kernel-layout weights as they
- * are. Decode multiplies a few rows by a large weight: each weight row is read from memory once for all M rows,
- * widened int8 -> int32 -> fp32 in registers and accumulated in fp32, and the output rows are split across OpenMP
- * threads. Built at import by `zaya_hf.ops.native` with -march=native, so the
- * AVX-512 or AVX2 loop below is the one the machine has; other machines get the portable loop.
+ * One thread's product is bound by instructions and by the latency of each accumulation chain more than by memory,
+ * so every loop below keeps several independent partial sums per output: with AVX-512, one weight row at a time into
+ * 8 (int8) or 4 (bf16) of them read a large weight about twice as fast as torch's kernels do
+ * (benchmarks/results/bench_quant_kernels.jsonl: "int8-native" and "dense-native").
+ *
+ * - zaya_int8_matvec: weight-only int8, out[m, n] = scale[n] * sum_k x[m, k] * q[n, k], on the operands of torch's
+ *   `_weight_int8pack_mm` (x [M, K] fp32 or bf16, q int8 [N, K] row-major, scale [N] in x's dtype; out [M, N] in x's
+ *   dtype), so it reads zaya_hf's kernel-layout weights as they are.
+ * - zaya_bf16_matvec: bf16, out[m, n] = sum_k x[m, k] * w[n, k] (x [M, K], w [N, K] row-major, out [M, N]), as
+ *   `F.linear` without bias; bf16 widens to fp32 by a 16-bit shift, so this needs no AVX512-BF16.
+ *
+ * Built at import by `zaya_hf.ops.native` with -march=native, so the AVX-512 or AVX2 loops below are the ones the
+ * machine has; other machines get the portable loops.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,10 +25,9 @@
 #endif
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
-/* One thread's product is bound by instructions and by the latency of each accumulation chain more than by memory:
- * with AVX-512, one weight row at a time summed into 8 independent accumulators read the LM head 1.8x as fast as 4
- * weight rows with one accumulator each (benchmarks/results/bench_quant_kernels.jsonl, `--rows 1 2 4 16` runs).
- * The AVX2 loop keeps 4 weight rows, one accumulator each (not re-measured). */
+/* int8: with AVX-512, one weight row at a time summed into 8 independent accumulators read the LM head 1.8x as fast as
+ * 4 weight rows with one accumulator each (bench_quant_kernels.jsonl, `--rows 1 2 4 16` runs). The AVX2 loop keeps 4
+ * weight rows, one accumulator each (not re-measured). */
 #if defined(__AVX512F__)
 #define ROW_BLOCK 2    /* input rows accumulated together */
 #define WEIGHT_BLOCK 1 /* weight rows multiplied by each loaded slice of x */
@@ -155,4 +162,82 @@ int zaya_int8_matvec(const void *x, int x_dtype, const int8_t *q, const void *sc
     }
     free(converted);
     return 0;
+}
+
+/* bf16: each input row against one weight row at a time, BF16_UNROLL independent partial sums per pair. Products of
+ * more rows reuse each loaded weight vector for more multiply-adds than these loops keep up with, so they stay with
+ * torch's GEMM (`BF16_NATIVE_MAX_ROWS` in ops/thresholds.py). */
+#define BF16_ROW_BLOCK 2
+#define BF16_UNROLL 4
+
+/* dots[r] = x[r, :] . w for `rows` (<= BF16_ROW_BLOCK) bf16 rows of x, row stride k, and one bf16 weight row w.
+ * A vector of bf16 pairs read as 32-bit lanes holds each even element in the low half, each odd one in the high
+ * half: shifted left by 16 bits (even) or with the low half cleared (odd), the lanes are those elements in fp32. */
+static inline __attribute__((always_inline)) void bf16_row_dots(const uint16_t *x, int rows, const uint16_t *w,
+                                                                int64_t k, float dots[BF16_ROW_BLOCK]) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 acc[BF16_ROW_BLOCK][BF16_UNROLL];
+    for (int r = 0; r < rows; ++r)
+        for (int u = 0; u < BF16_UNROLL; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (; i + 32 * BF16_UNROLL <= k; i += 32 * BF16_UNROLL) /* BF16_UNROLL x 32 weights, one partial sum each */
+        for (int u = 0; u < BF16_UNROLL; ++u) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(w + i + 32 * u));
+            const __m512 w_even = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+            const __m512 w_odd = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
+            for (int r = 0; r < rows; ++r) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(x + r * k + i + 32 * u));
+                acc[r][u] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)), w_even, acc[r][u]);
+                acc[r][u] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(xv, high)), w_odd, acc[r][u]);
+            }
+        }
+    for (int r = 0; r < rows; ++r) {
+        __m512 total = acc[r][0];
+        for (int u = 1; u < BF16_UNROLL; ++u) total = _mm512_add_ps(total, acc[r][u]);
+        dots[r] = _mm512_reduce_add_ps(total);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[BF16_ROW_BLOCK][BF16_UNROLL];
+    for (int r = 0; r < rows; ++r)
+        for (int u = 0; u < BF16_UNROLL; ++u) acc[r][u] = _mm256_setzero_ps();
+    for (; i + 16 * BF16_UNROLL <= k; i += 16 * BF16_UNROLL) /* BF16_UNROLL x 16 weights, one partial sum each */
+        for (int u = 0; u < BF16_UNROLL; ++u) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i + 16 * u));
+            const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+            const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+            for (int r = 0; r < rows; ++r) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + r * k + i + 16 * u));
+                acc[r][u] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(xv, 16)), w_even, acc[r][u]);
+                acc[r][u] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(xv, high)), w_odd, acc[r][u]);
+            }
+        }
+    for (int r = 0; r < rows; ++r) {
+        __m256 total = acc[r][0];
+        for (int u = 1; u < BF16_UNROLL; ++u) total = _mm256_add_ps(total, acc[r][u]);
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        half = _mm_add_ss(half, _mm_movehdup_ps(half));
+        dots[r] = _mm_cvtss_f32(half);
+    }
+#else
+    for (int r = 0; r < rows; ++r) dots[r] = 0.0f;
+#endif
+    for (; i < k; ++i) /* the tail (all of it on the portable path) */
+        for (int r = 0; r < rows; ++r) dots[r] += bf16_to_float(x[r * k + i]) * bf16_to_float(w[i]);
+}
+
+void zaya_bf16_matvec(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t m, int64_t n, int64_t k,
+                      int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t j = 0; j < n; ++j) {
+        float dots[BF16_ROW_BLOCK];
+        for (int64_t r0 = 0; r0 < m; r0 += BF16_ROW_BLOCK) {
+            const int rows = (int)(m - r0 < BF16_ROW_BLOCK ? m - r0 : BF16_ROW_BLOCK);
+            if (rows == BF16_ROW_BLOCK) bf16_row_dots(x + r0 * k, BF16_ROW_BLOCK, w + j * k, k, dots);
+            else bf16_row_dots(x + r0 * k, 1, w + j * k, k, dots); /* the last, single row */
+            for (int r = 0; r < rows; ++r) out[(r0 + r) * n + j] = float_to_bf16(dots[r]);
+        }
+    }
 }
