@@ -57,6 +57,15 @@ static inline float load_value(const void *data, int dtype, int64_t index) {
     return dtype == DTYPE_BFLOAT16 ? bf16_to_float(((const uint16_t *)data)[index]) : ((const float *)data)[index];
 }
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+static inline float sum_lanes_256(__m256 v) { /* the 8 lanes' sum */
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half);
+}
+#endif
+
 /* dots[r][c] = x[r, :] . w[c, :] for `rows` (<= ROW_BLOCK) fp32 rows of x and `cols` (<= WEIGHT_BLOCK) int8 rows
  * of w, both with row stride k. Called with constant rows and cols, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void block_dots(const float *x, int rows, const int8_t *w, int cols,
@@ -103,10 +112,7 @@ static inline __attribute__((always_inline)) void block_dots(const float *x, int
     }
     for (int r = 0; r < rows; ++r)
         for (int c = 0; c < cols; ++c) {
-            __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc[r][c]), _mm256_extractf128_ps(acc[r][c], 1));
-            half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            half = _mm_add_ss(half, _mm_movehdup_ps(half));
-            dots[r][c] = _mm_cvtss_f32(half);
+            dots[r][c] = sum_lanes_256(acc[r][c]);
         }
 #else
     for (int r = 0; r < rows; ++r)
@@ -216,10 +222,7 @@ static inline __attribute__((always_inline)) void bf16_row_dots(const uint16_t *
     for (int r = 0; r < rows; ++r) {
         __m256 total = acc[r][0];
         for (int u = 1; u < BF16_UNROLL; ++u) total = _mm256_add_ps(total, acc[r][u]);
-        __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        half = _mm_add_ss(half, _mm_movehdup_ps(half));
-        dots[r] = _mm_cvtss_f32(half);
+        dots[r] = sum_lanes_256(total);
     }
 #else
     for (int r = 0; r < rows; ++r) dots[r] = 0.0f;

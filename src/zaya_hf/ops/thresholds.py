@@ -59,7 +59,7 @@ PREPACK_ROWS = 256
 # from memory), 0.92-1.30x at 2 and 0.52-0.85x at 4, where each weight byte feeds more multiply-adds than the fp32 FMA
 # loop keeps up with. Measured on a 2-core AMD EPYC with AVX-512: `OMP_NUM_THREADS=1 python
 # benchmarks/bench_quant_kernels.py --repeats 10 --rows 1 2 4 16` (recorded:
-# benchmarks/results/bench_quant_kernels.jsonl, the last 20 lines).
+# benchmarks/results/bench_quant_kernels.jsonl, lines 26-45).
 INT8_NATIVE_MAX_ROWS = {torch.float32: math.inf, torch.bfloat16: 2}
 
 # bf16 products with at most `BF16_NATIVE_MAX_ROWS` rows of input and a 2-D weight of at least
